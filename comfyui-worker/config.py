@@ -1,0 +1,318 @@
+"""Worker configuration, read once from the environment and validated before anything starts.
+
+Every setting has one environment variable; a bad value stops the worker at start with a message
+that names the variable, instead of failing jobs later. The Redis password is kept out of the
+object's repr so it cannot reach a log line by accident.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import shlex
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+WORKER_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+HERE = Path(__file__).resolve().parent
+DEFAULT_VRAM_TABLE = HERE / "vram_table.json"
+
+QUEUE_SOURCES = ("redis", "http")
+QUEUE_MODES = ("fifo", "priority", "round_robin")
+VRAM_CHECK_MODES = ("auto", "on", "off")
+LOG_FORMATS = ("text", "json")
+
+
+class ConfigError(ValueError):
+    """Raised with every problem found, each naming the variable to fix."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+@dataclass(frozen=True)
+class Config:
+    """All settings of one worker; see README.md for each variable's meaning and default."""
+
+    worker_id: str = "worker-1"
+    queue_source: str = "redis"
+    redis_host: str = "127.0.0.1"
+    redis_port: int = 6379
+    redis_password: str = field(default="", repr=False)
+    redis_db: int = 0
+    queue_mode: str = "fifo"
+    queue_manager_url: str = "http://127.0.0.1:3000"
+    queue_manager_timeout: float = 30.0
+    comfyui_url: str = "http://127.0.0.1:8188"
+    comfyui_timeout: float = 900.0
+    job_timeout: float = 1800.0
+    interrupt_grace: float = 30.0
+    shutdown_grace: float = 60.0
+    queue_poll_interval: float = 5.0
+    http_poll_interval: float = 2.0
+    comfyui_poll_interval: float = 2.0
+    cancel_check_interval: float = 1.0
+    heartbeat_interval: float = 15.0
+    heartbeat_ttl: int = 60
+    queue_manager_job_timeout: float = 3600.0
+    backoff_max: float = 30.0
+    gpu_index: int = 0
+    vram_check: str = "auto"
+    vram_margin_mb: int = 1024
+    vram_default_mb: int = 4096
+    vram_table: str = str(DEFAULT_VRAM_TABLE)
+    vram_free_wait: float = 10.0
+    vram_backoff: float = 15.0
+    vram_backoff_max: float = 120.0
+    outputs_dir: str = "/outputs"
+    comfyui_output_dir: str = ""
+    inputs_dir: str = "/inputs"
+    max_job_bytes: int = 16 * 1024 * 1024
+    comfyui_start: bool = False
+    comfyui_dir: str = "/opt/ComfyUI"
+    comfyui_python: str = sys.executable
+    comfyui_args: tuple[str, ...] = ()
+    comfyui_extra_model_paths: str = ""
+    comfyui_start_timeout: float = 300.0
+    health_file: str = "/tmp/comfyui-worker.health"
+    health_interval: float = 5.0
+    log_format: str = "text"
+    log_level: str = "INFO"
+
+    @property
+    def comfyui_host_port(self) -> tuple[str, int]:
+        """Host and port of COMFYUI_URL, used to start a managed ComfyUI on the same address."""
+        parts = urlsplit(self.comfyui_url)
+        return parts.hostname or "127.0.0.1", parts.port or 8188
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
+        """Read and validate; raises ConfigError listing every bad variable at once."""
+        reader = _Reader(os.environ if env is None else env)
+        d = cls()
+        password = reader.str("REDIS_PASSWORD", "")
+        password_file = reader.str("REDIS_PASSWORD_FILE", "")
+        if password_file and not password:
+            try:
+                password = Path(password_file).read_text().strip()
+            except OSError as exc:
+                reader.problem(
+                    "REDIS_PASSWORD_FILE", f"cannot read {password_file}: {exc.strerror}"
+                )
+        cfg = cls(
+            worker_id=reader.match(
+                "WORKER_ID", d.worker_id, WORKER_ID_RE, "1-64 of A-Z a-z 0-9 _ . -"
+            ),
+            queue_source=reader.choice("QUEUE_SOURCE", d.queue_source, QUEUE_SOURCES),
+            redis_host=reader.str("REDIS_HOST", d.redis_host)
+            or reader.problem("REDIS_HOST", "empty"),
+            redis_port=reader.int("REDIS_PORT", d.redis_port, 1, 65535),
+            redis_password=password,
+            redis_db=reader.int("REDIS_DB", d.redis_db, 0, 1_000_000),
+            queue_mode=reader.choice("QUEUE_MODE", d.queue_mode, QUEUE_MODES),
+            queue_manager_url=reader.url("QUEUE_MANAGER_URL", d.queue_manager_url),
+            queue_manager_timeout=reader.float("QUEUE_MANAGER_TIMEOUT", d.queue_manager_timeout),
+            comfyui_url=reader.url("COMFYUI_URL", d.comfyui_url),
+            comfyui_timeout=reader.float("COMFYUI_TIMEOUT", d.comfyui_timeout),
+            job_timeout=reader.float("WORKER_JOB_TIMEOUT", d.job_timeout),
+            interrupt_grace=reader.float("WORKER_INTERRUPT_GRACE", d.interrupt_grace),
+            shutdown_grace=reader.float("WORKER_SHUTDOWN_GRACE", d.shutdown_grace, minimum=0),
+            queue_poll_interval=reader.float("QUEUE_POLL_INTERVAL", d.queue_poll_interval),
+            http_poll_interval=reader.float("HTTP_POLL_INTERVAL", d.http_poll_interval),
+            comfyui_poll_interval=reader.float("COMFYUI_POLL_INTERVAL", d.comfyui_poll_interval),
+            cancel_check_interval=reader.float("CANCEL_CHECK_INTERVAL", d.cancel_check_interval),
+            heartbeat_interval=reader.float("HEARTBEAT_INTERVAL", d.heartbeat_interval),
+            heartbeat_ttl=reader.int("HEARTBEAT_TTL", d.heartbeat_ttl, 1, 86400),
+            queue_manager_job_timeout=reader.float("JOB_TIMEOUT", d.queue_manager_job_timeout),
+            backoff_max=reader.float("BACKOFF_MAX", d.backoff_max),
+            gpu_index=reader.int("GPU_INDEX", d.gpu_index, 0, 63),
+            vram_check=reader.choice("VRAM_CHECK", d.vram_check, VRAM_CHECK_MODES),
+            vram_margin_mb=reader.int("VRAM_MARGIN_MB", d.vram_margin_mb, 0, 10_000_000),
+            vram_default_mb=reader.int("VRAM_DEFAULT_MB", d.vram_default_mb, 0, 10_000_000),
+            vram_table=reader.str("VRAM_MODEL_TABLE", d.vram_table),
+            vram_free_wait=reader.float("VRAM_FREE_WAIT", d.vram_free_wait, minimum=0),
+            vram_backoff=reader.float("VRAM_BACKOFF", d.vram_backoff),
+            vram_backoff_max=reader.float("VRAM_BACKOFF_MAX", d.vram_backoff_max),
+            outputs_dir=reader.abspath("OUTPUTS_DIR", d.outputs_dir),
+            comfyui_output_dir=reader.abspath("COMFYUI_OUTPUT_DIR", d.comfyui_output_dir, True),
+            inputs_dir=reader.abspath("INPUTS_DIR", d.inputs_dir),
+            max_job_bytes=reader.int("WORKER_MAX_JOB_BYTES", d.max_job_bytes, 1024, 1 << 31),
+            comfyui_start=reader.bool("COMFYUI_START", d.comfyui_start),
+            comfyui_dir=reader.str("COMFYUI_DIR", d.comfyui_dir),
+            comfyui_python=reader.str("COMFYUI_PYTHON", d.comfyui_python),
+            comfyui_args=reader.args("COMFYUI_ARGS"),
+            comfyui_extra_model_paths=reader.str("COMFYUI_EXTRA_MODEL_PATHS", ""),
+            comfyui_start_timeout=reader.float("COMFYUI_START_TIMEOUT", d.comfyui_start_timeout),
+            health_file=reader.abspath("HEALTH_FILE", d.health_file),
+            health_interval=reader.float("HEALTH_INTERVAL", d.health_interval),
+            log_format=reader.choice("LOG_FORMAT", d.log_format, LOG_FORMATS),
+            log_level=reader.choice(
+                "LOG_LEVEL", d.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True
+            ),
+        )
+        if not reader.problems:
+            reader.problems.extend(_consistency(cfg))
+        if reader.problems:
+            raise ConfigError(reader.problems)
+        return cfg
+
+
+def _consistency(cfg: Config) -> list[str]:
+    """Cross-variable rules from CONTRACTS.md §4; each message names the variables involved."""
+    problems = []
+    if cfg.job_timeout < cfg.comfyui_timeout:
+        problems.append(
+            f"WORKER_JOB_TIMEOUT ({cfg.job_timeout:g}) must be >= COMFYUI_TIMEOUT "
+            f"({cfg.comfyui_timeout:g}): a single ComfyUI call may not outlive its job"
+        )
+    if cfg.job_timeout + cfg.interrupt_grace >= cfg.queue_manager_job_timeout:
+        problems.append(
+            "WORKER_JOB_TIMEOUT + WORKER_INTERRUPT_GRACE "
+            f"({cfg.job_timeout + cfg.interrupt_grace:g})"
+            f" must be < JOB_TIMEOUT ({cfg.queue_manager_job_timeout:g}, the queue-manager's "
+            "stale-job timeout), or the queue-manager fails jobs that are still running"
+        )
+    if cfg.heartbeat_interval * 2 > cfg.heartbeat_ttl:
+        problems.append(
+            f"HEARTBEAT_INTERVAL ({cfg.heartbeat_interval:g}) must be at most half of "
+            f"HEARTBEAT_TTL ({cfg.heartbeat_ttl}) so one missed beat does not expire the key"
+        )
+    if cfg.vram_backoff > cfg.vram_backoff_max:
+        problems.append("VRAM_BACKOFF must be <= VRAM_BACKOFF_MAX")
+    if cfg.comfyui_start:
+        host, _ = cfg.comfyui_host_port
+        if not _is_loopback(host):
+            problems.append(
+                f"COMFYUI_URL host {host!r} must be a loopback address when COMFYUI_START=true "
+                "(ComfyUI is never exposed beyond the container)"
+            )
+        if not Path(cfg.comfyui_dir, "main.py").is_file():
+            problems.append(f"COMFYUI_DIR ({cfg.comfyui_dir}) has no main.py")
+    return problems
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Reader:
+    """Parses one variable at a time and collects problems instead of stopping at the first."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[str] = []
+
+    def problem(self, name: str, why: str) -> str:
+        self.problems.append(f"{name}: {why}")
+        return ""
+
+    def str(self, name: str, default: str) -> str:
+        value = self.env.get(name)
+        return default if value is None else value.strip()
+
+    def raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        if value is None or not value.strip():
+            return None
+        return value.strip()
+
+    def int(self, name: str, default: int, lo: int, hi: int) -> int:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            self.problem(name, f"{value!r} is not an integer")
+            return default
+        if not lo <= number <= hi:
+            self.problem(name, f"{number} is outside {lo}..{hi}")
+            return default
+        return number
+
+    def float(self, name: str, default: float, minimum: float = 0.001) -> float:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            self.problem(name, f"{value!r} is not a number of seconds")
+            return default
+        if not number >= minimum or number == float("inf"):
+            self.problem(name, f"{value} must be a finite number >= {minimum:g}")
+            return default
+        return number
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self.raw(name)
+        if value is None:
+            return default
+        lowered = value.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        self.problem(name, f"{value!r} is not a boolean (true/false)")
+        return default
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...], upper: bool = False) -> str:
+        value = self.raw(name)
+        if value is None:
+            return default
+        value = value.upper() if upper else value.lower()
+        if value not in choices:
+            self.problem(name, f"{value!r} is not one of {', '.join(choices)}")
+            return default
+        return value
+
+    def match(self, name: str, default: str, pattern: re.Pattern[str], what: str) -> str:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if not pattern.match(value):
+            self.problem(name, f"{value!r} must be {what}")
+            return default
+        return value
+
+    def url(self, name: str, default: str) -> str:
+        value = self.raw(name) or default
+        parts = urlsplit(value)
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            self.problem(name, f"{value!r} has an invalid port")
+            return default
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            self.problem(name, f"{value!r} must be an http:// or https:// URL with a host")
+            return default
+        return value.rstrip("/")
+
+    def abspath(self, name: str, default: str, allow_empty: bool = False) -> str:
+        value = self.str(name, default)
+        if not value and allow_empty:
+            return ""
+        if not os.path.isabs(value) or "\0" in value:
+            self.problem(name, f"{value!r} must be an absolute path")
+            return default
+        return os.path.normpath(value)
+
+    def args(self, name: str) -> tuple[str, ...]:
+        value = self.raw(name)
+        if value is None:
+            return ()
+        try:
+            return tuple(shlex.split(value))
+        except ValueError as exc:
+            self.problem(name, f"cannot be split into arguments: {exc}")
+            return ()

@@ -1,0 +1,129 @@
+"""ComfyUI as a child process of the worker (COMFYUI_START=true, as in the container).
+
+The worker is the one process that knows when ComfyUI must be restarted: a prompt that ignores
+an interrupt can only be ended by restarting ComfyUI. A ComfyUI that dies by itself is restarted
+with capped backoff. ComfyUI runs in its own process group, with the worker's secrets removed
+from its environment, and is stopped when the worker exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+
+from config import Config
+from logs import StateLog
+
+log = logging.getLogger("comfyui_worker.supervisor")
+SECRET_VARS = ("REDIS_PASSWORD", "REDIS_PASSWORD_FILE")
+
+
+def comfyui_command(cfg: Config) -> list[str]:
+    """The ComfyUI command line: its own flags for the SFS model layout and output folders."""
+    host, port = cfg.comfyui_host_port
+    argv = [cfg.comfyui_python, "main.py", "--listen", host, "--port", str(port)]
+    argv += [
+        "--output-directory",
+        cfg.comfyui_output_dir or os.path.join(cfg.outputs_dir, ".comfyui"),
+    ]
+    argv += ["--input-directory", cfg.inputs_dir]
+    if cfg.comfyui_extra_model_paths:
+        argv += ["--extra-model-paths-config", cfg.comfyui_extra_model_paths]
+    argv += list(cfg.comfyui_args)
+    return argv
+
+
+class ComfyProcess:
+    """Starts, watches, stops and restarts one ComfyUI process."""
+
+    def __init__(self, cfg: Config, states: StateLog | None = None) -> None:
+        self.cfg = cfg
+        self.argv = comfyui_command(cfg)
+        self.states = states or StateLog(log)
+        self.proc: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+        self._stopping = False
+        self._watcher: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in SECRET_VARS}
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    async def start(self) -> None:
+        for folder in (self.argv[self.argv.index("--output-directory") + 1], self.cfg.inputs_dir):
+            os.makedirs(folder, exist_ok=True)
+        await self._spawn()
+        self._watcher = asyncio.create_task(self._watch(), name="comfyui-supervisor")
+
+    async def _spawn(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv,
+            cwd=self.cfg.comfyui_dir,
+            env=self._env(),
+            stdin=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.info("started ComfyUI (pid %s): %s", self.proc.pid, " ".join(self.argv[1:]))
+
+    async def _watch(self) -> None:
+        """Restart ComfyUI if it exits on its own; back off when it keeps dying."""
+        delay = 1.0
+        while True:
+            proc = self.proc
+            assert proc is not None
+            started = time.monotonic()
+            code = await proc.wait()
+            async with self._lock:
+                if self._stopping or proc is not self.proc:
+                    if self._stopping:
+                        return
+                    continue
+                self.states.set("comfyui process", "dead", f"exit code {code}", logging.ERROR)
+                if time.monotonic() - started > 60:
+                    delay = 1.0
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.cfg.backoff_max)
+                self.restarts += 1
+                await self._spawn()
+                self.states.set("comfyui process", "running")
+
+    async def _terminate(self, grace: float) -> None:
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), grace)
+        except asyncio.TimeoutError:
+            log.warning("ComfyUI did not stop within %.0f s of SIGTERM; killing it", grace)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+
+    async def restart(self, grace: float = 10.0) -> None:
+        """Kill the current ComfyUI and start a new one (used when a prompt will not stop)."""
+        async with self._lock:
+            old = self.proc
+            await self._terminate(grace)
+            self.restarts += 1
+            await self._spawn()
+            log.info("restarted ComfyUI (old pid %s, new pid %s)", old and old.pid, self.proc.pid)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        async with self._lock:
+            self._stopping = True
+            await self._terminate(grace)
+        if self._watcher:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None

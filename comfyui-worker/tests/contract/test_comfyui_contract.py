@@ -1,0 +1,532 @@
+"""ComfyUI v0.11.0's API as a client sees it, on the stand-in and, when set up, the real one.
+
+Each prompt gets its own filename prefix and image colour, so ComfyUI's output cache (keyed by a
+node's inputs) never links two tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import struct
+import uuid
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def unique_prefix() -> str:
+    return f"contract/{uuid.uuid4().hex[:10]}"
+
+
+def image_to_file(prefix: str, width: int = 16, height: int = 8, batch: int = 1) -> dict[str, Any]:
+    return {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {
+                "width": width,
+                "height": height,
+                "batch_size": batch,
+                "color": random.randrange(0x1000000),
+            },
+        },
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
+    }
+
+
+def with_test_node(prefix: str, class_type: str, inputs: dict[str, Any]) -> dict[str, Any]:
+    """EmptyImage -> test node -> SaveImage."""
+    prompt = image_to_file(prefix)
+    prompt["3"] = {"class_type": class_type, "inputs": {**inputs, "images": ["1", 0]}}
+    prompt["2"]["inputs"]["images"] = ["3", 0]
+    return prompt
+
+
+def test_system_stats_reports_version_and_device(comfy, api):
+    status, stats = api.call(comfy, "GET", "/system_stats")
+    assert status == 200
+    assert stats["system"]["comfyui_version"] == "0.11.0"
+    for key in ("os", "ram_total", "ram_free", "python_version", "pytorch_version", "argv"):
+        assert key in stats["system"]
+    (device,) = stats["devices"]
+    for key in ("name", "type", "index", "vram_total", "vram_free"):
+        assert key in device
+    for key in ("torch_vram_total", "torch_vram_free"):
+        assert isinstance(device[key], int)
+    assert device["type"] == "cpu"  # both run with --cpu here
+    assert 0 < device["vram_free"] <= device["vram_total"]
+
+
+def test_empty_image_to_save_image_events_history_and_file(comfy, api):
+    prefix = unique_prefix()
+    run = api.run(comfy, image_to_file(prefix, width=16, height=8, batch=2))
+
+    assert run.status == 200
+    assert run.response["node_errors"] == {}
+    assert isinstance(run.response["number"], int)
+    assert run.types() == [
+        "execution_start",
+        "execution_cached",
+        "executing",
+        "executing",
+        "executed",
+        "execution_success",
+        "executing",
+    ]
+    pid = run.prompt_id
+    start, cached = run.of_type("execution_start")[0], run.of_type("execution_cached")[0]
+    assert start["prompt_id"] == pid and isinstance(start["timestamp"], int)
+    assert cached == {"nodes": [], "prompt_id": pid, "timestamp": cached["timestamp"]}
+    executing = run.of_type("executing")
+    assert executing[0] == {"node": "1", "display_node": "1", "prompt_id": pid}
+    assert executing[1] == {"node": "2", "display_node": "2", "prompt_id": pid}
+    assert executing[2] == {"node": None, "prompt_id": pid}
+    name = prefix.split("/")[1]
+    images = [
+        {"filename": f"{name}_00001_.png", "subfolder": "contract", "type": "output"},
+        {"filename": f"{name}_00002_.png", "subfolder": "contract", "type": "output"},
+    ]
+    (executed,) = run.of_type("executed")
+    assert executed == {
+        "node": "2",
+        "display_node": "2",
+        "output": {"images": images},
+        "prompt_id": pid,
+    }
+    assert run.of_type("execution_success")[0]["prompt_id"] == pid
+
+    # progress_state: every non-pending node, ending with both finished.
+    last_state = run.of_type("progress_state")[-1]
+    assert last_state["prompt_id"] == pid
+    assert {n: s["state"] for n, s in last_state["nodes"].items()} == {
+        "1": "finished",
+        "2": "finished",
+    }
+    assert set(last_state["nodes"]["2"]) == {
+        "value",
+        "max",
+        "state",
+        "node_id",
+        "prompt_id",
+        "display_node_id",
+        "parent_node_id",
+        "real_node_id",
+    }
+
+    # History is written before the final "executing": it was read right after that message.
+    history = run.history
+    assert history["outputs"] == {"2": {"images": images}}
+    assert history["status"]["status_str"] == "success"
+    assert history["status"]["completed"] is True
+    assert [m[0] for m in history["status"]["messages"]] == [
+        "execution_start",
+        "execution_cached",
+        "execution_success",
+    ]
+    _number, prompt_id, prompt, extra_data, outputs = history["prompt"]
+    assert prompt_id == pid and prompt["2"]["class_type"] == "SaveImage"
+    assert extra_data["client_id"] == run.client_id and isinstance(extra_data["create_time"], int)
+    assert outputs == ["2"]
+    assert history["meta"]["2"] == {
+        "node_id": "2",
+        "display_node": "2",
+        "parent_node": None,
+        "real_node_id": "2",
+    }
+
+    for image in images:
+        data = (comfy.output_dir / image["subfolder"] / image["filename"]).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        assert struct.unpack(">II", data[16:24]) == (16, 8)
+    status, body = api.call(
+        comfy, "GET", f"/view?filename={images[0]['filename']}&subfolder=contract&type=output"
+    )
+    assert status == 200 and body[:8] == b"\x89PNG\r\n\x1a\n"
+    assert api.call(comfy, "GET", "/view?filename=missing.png&type=output")[0] == 404
+    assert api.call(comfy, "GET", "/view?filename=../etc/passwd")[0] == 400
+
+
+def test_jobs_api_and_history_listing(comfy, api):
+    run = api.run(comfy, image_to_file(unique_prefix()))
+    status, job = api.call(comfy, "GET", f"/api/jobs/{run.prompt_id}")
+    assert status == 200
+    assert job["id"] == run.prompt_id and job["status"] == "completed"
+    assert job["outputs_count"] == 1
+    assert job["preview_output"]["nodeId"] == "2"
+    assert job["preview_output"]["mediaType"] == "images"
+    assert job["outputs"] == run.history["outputs"]
+    assert job["execution_status"]["status_str"] == "success"
+    assert job["execution_start_time"] <= job["execution_end_time"]
+    assert job["workflow"]["prompt"]["1"]["class_type"] == "EmptyImage"
+
+    status, listing = api.call(comfy, "GET", "/api/jobs?status=completed&limit=1")
+    assert status == 200 and listing["pagination"]["limit"] == 1
+    assert len(listing["jobs"]) == 1
+    assert api.call(comfy, "GET", "/api/jobs?status=bogus")[0] == 400
+    status, missing = api.call(comfy, "GET", f"/api/jobs/{uuid.uuid4()}")
+    assert (status, missing) == (404, {"error": "Job not found"})
+
+    status, history = api.call(comfy, "GET", "/history?max_items=1")
+    assert status == 200 and len(history) == 1
+    assert api.call(comfy, "GET", f"/history/{uuid.uuid4()}") == (200, {})
+    assert api.call(comfy, "GET", f"/api/history/{run.prompt_id}")[1].keys() == {run.prompt_id}
+
+
+def test_history_delete_and_clear(comfy, api):
+    first = api.run(comfy, image_to_file(unique_prefix()))
+    second = api.run(comfy, image_to_file(unique_prefix()))
+    assert api.call(comfy, "POST", "/history", {"delete": [first.prompt_id]})[0] == 200
+    assert api.call(comfy, "GET", f"/history/{first.prompt_id}")[1] == {}
+    assert second.prompt_id in api.call(comfy, "GET", f"/history/{second.prompt_id}")[1]
+    assert api.call(comfy, "POST", "/history", {"clear": True})[0] == 200
+    assert api.call(comfy, "GET", "/history")[1] == {}
+
+
+def test_client_prompt_id_is_kept(comfy, api):
+    prompt_id = str(uuid.uuid4())
+    run = api.run(comfy, image_to_file(unique_prefix()), prompt_id=prompt_id)
+    assert run.status == 200 and run.prompt_id == prompt_id
+    assert run.history["prompt"][1] == prompt_id
+
+
+def test_identical_prompt_runs_from_cache(comfy, api):
+    prompt = image_to_file(unique_prefix())
+    first = api.run(comfy, prompt)
+    files_before = sorted(p.name for p in (comfy.output_dir / "contract").iterdir())
+    second = api.run(comfy, prompt)
+    assert second.of_type("execution_cached")[0]["nodes"] == ["1", "2"]
+    assert second.types() == [
+        "execution_start",
+        "execution_cached",
+        "executed",
+        "execution_success",
+        "executing",
+    ]
+    assert second.of_type("executed")[0]["output"] == first.of_type("executed")[0]["output"]
+    assert second.history["outputs"] == first.history["outputs"]
+    assert sorted(p.name for p in (comfy.output_dir / "contract").iterdir()) == files_before
+
+
+def test_events_go_only_to_the_submitting_client(comfy, api):
+    async def scenario() -> tuple[Any, list[str]]:
+        import aiohttp
+
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(f"{comfy.url}/ws?clientId={uuid.uuid4().hex}") as other,
+        ):
+            run = await api.arun(comfy, image_to_file(unique_prefix()))
+            seen = []
+            while True:
+                try:
+                    msg = await other.receive(timeout=0.5)
+                except asyncio.TimeoutError:
+                    break
+                seen.append(msg.json()["type"])
+            return run, seen
+
+    run, seen = asyncio.run(scenario())
+    assert run.status == 200
+    assert set(seen) <= {"status"}, seen
+    assert "status" in seen
+
+
+def test_websocket_greets_with_status_and_sid(comfy):
+    async def greet() -> dict[str, Any]:
+        import aiohttp
+
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(f"{comfy.url}/ws?clientId=greeting-client") as ws,
+        ):
+            return await ws.receive_json(timeout=10)
+
+    first = asyncio.run(greet())
+    assert first["type"] == "status"
+    assert first["data"]["sid"] == "greeting-client"
+    assert isinstance(first["data"]["status"]["exec_info"]["queue_remaining"], int)
+
+
+def test_unknown_node_class_is_invalid_prompt(comfy, api):
+    prompt = image_to_file(unique_prefix())
+    prompt["3"] = {"class_type": "NoSuchNode", "inputs": {}}
+    run = api.run(comfy, prompt)
+    assert run.status == 400
+    assert run.response == {
+        "error": {
+            "type": "invalid_prompt",
+            "message": "Cannot execute because node NoSuchNode does not exist.",
+            "details": "Node ID '#3'",
+            "extra_info": {},
+        },
+        "node_errors": {},
+    }
+
+
+def test_prompt_without_outputs(comfy, api):
+    prompt = {"1": image_to_file("x")["1"]}
+    run = api.run(comfy, prompt)
+    assert run.status == 400
+    assert run.response["error"]["type"] == "prompt_no_outputs"
+    assert run.response["error"]["message"] == "Prompt has no outputs"
+    assert run.response["node_errors"] == {}
+
+
+def test_missing_prompt(comfy, api):
+    status, body = api.call(comfy, "POST", "/prompt", {"client_id": "x"})
+    assert status == 400
+    assert body["error"]["type"] == "no_prompt"
+
+
+def test_bad_inputs_fail_validation_with_node_errors(comfy, api):
+    prompt = image_to_file(unique_prefix())
+    prompt["1"]["inputs"]["width"] = 0
+    del prompt["1"]["inputs"]["height"]
+    run = api.run(comfy, prompt)
+    assert run.status == 400
+    error = run.response["error"]
+    assert error["type"] == "prompt_outputs_failed_validation"
+    assert error["message"] == "Prompt outputs failed validation"
+    node = run.response["node_errors"]["1"]
+    assert node["class_type"] == "EmptyImage"
+    assert node["dependent_outputs"] == ["2"]
+    by_type = {e["type"]: e for e in node["errors"]}
+    assert set(by_type) == {"value_smaller_than_min", "required_input_missing"}
+    assert by_type["value_smaller_than_min"]["message"] == "Value 0 smaller than min of 1"
+    assert by_type["value_smaller_than_min"]["details"] == "width"
+    assert by_type["value_smaller_than_min"]["extra_info"]["received_value"] == 0
+    assert by_type["required_input_missing"] == {
+        "type": "required_input_missing",
+        "message": "Required input is missing",
+        "details": "height",
+        "extra_info": {"input_name": "height"},
+    }
+    assert "2" not in run.response["node_errors"]
+
+
+def test_wrong_input_type_is_reported(comfy, api):
+    prompt = image_to_file(unique_prefix())
+    prompt["1"]["inputs"]["width"] = "wide"
+    run = api.run(comfy, prompt)
+    assert run.status == 400
+    (err,) = run.response["node_errors"]["1"]["errors"]
+    assert err["type"] == "invalid_input_type"
+    assert err["message"] == "Failed to convert an input value to a INT value"
+
+
+def test_missing_checkpoint_is_value_not_in_list(comfy, api):
+    prompt = {
+        "4": {
+            "class_type": "CheckpointLoaderSimple",
+            "inputs": {"ckpt_name": "absent.safetensors"},
+        },
+        "5": {"class_type": "PreviewAny", "inputs": {"source": ["4", 0]}},
+    }
+    run = api.run(comfy, prompt)
+    assert run.status == 400
+    assert run.response["error"]["type"] == "prompt_outputs_failed_validation"
+    node = run.response["node_errors"]["4"]
+    assert node["class_type"] == "CheckpointLoaderSimple"
+    assert node["dependent_outputs"] == ["5"]
+    (err,) = node["errors"]
+    assert err["type"] == "value_not_in_list"
+    assert err["message"] == "Value not in list"
+    assert err["details"] == "ckpt_name: 'absent.safetensors' not in ['present.safetensors']"
+    assert err["extra_info"]["input_name"] == "ckpt_name"
+    assert err["extra_info"]["received_value"] == "absent.safetensors"
+
+
+def test_partly_invalid_prompt_is_accepted_with_node_errors(comfy, api):
+    prompt = image_to_file(unique_prefix())
+    prompt["4"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "absent.sft"}}
+    prompt["5"] = {"class_type": "PreviewAny", "inputs": {"source": ["4", 0]}}
+    run = api.run(comfy, prompt)
+    assert run.status == 200
+    assert list(run.response["node_errors"]) == ["4"]
+    assert run.response["node_errors"]["4"]["errors"][0]["type"] == "value_not_in_list"
+    assert run.history["status"]["status_str"] == "success"
+    assert list(run.history["outputs"]) == ["2"]
+    assert run.history["prompt"][4] == ["2"]
+
+
+def test_text_output(comfy, api):
+    prompt = {"1": {"class_type": "PreviewAny", "inputs": {"source": f"hello {uuid.uuid4()}"}}}
+    run = api.run(comfy, prompt)
+    assert run.status == 200
+    text = prompt["1"]["inputs"]["source"]
+    assert run.of_type("executed")[0]["output"] == {"text": [text]}
+    assert run.history["outputs"] == {"1": {"text": [text]}}
+
+
+def test_object_info_lists_nodes_and_model_files(comfy, api):
+    status, info = api.call(comfy, "GET", "/object_info/CheckpointLoaderSimple")
+    assert status == 200
+    ckpt = info["CheckpointLoaderSimple"]
+    assert ckpt["input"]["required"]["ckpt_name"][0] == ["present.safetensors"]
+    assert ckpt["output"] == ["MODEL", "CLIP", "VAE"]
+    assert ckpt["output_node"] is False
+    status, info = api.call(comfy, "GET", "/object_info")
+    assert status == 200
+    save = info["SaveImage"]
+    assert save["output_node"] is True and save["output"] == []
+    assert save["input_order"] == {
+        "required": ["images", "filename_prefix"],
+        "hidden": ["prompt", "extra_pnginfo"],
+    }
+    assert info["EmptyImage"]["input"]["required"]["width"] == [
+        "INT",
+        {"default": 512, "min": 1, "max": 16384, "step": 1},
+    ]
+    assert api.call(comfy, "GET", "/object_info/NoSuchNode") == (200, {})
+
+
+def test_queue_endpoints_when_idle(comfy, api):
+    assert api.call(comfy, "GET", "/queue") == (200, {"queue_running": [], "queue_pending": []})
+    assert api.call(comfy, "GET", "/prompt") == (200, {"exec_info": {"queue_remaining": 0}})
+    assert api.call(comfy, "POST", "/queue", {"clear": True})[0] == 200
+    assert api.call(comfy, "POST", "/queue", {"delete": [str(uuid.uuid4())]})[0] == 200
+
+
+def test_interrupt_and_free_answer_at_once(comfy, api):
+    assert api.call(comfy, "POST", "/interrupt")[0] == 200
+    assert api.call(comfy, "POST", "/interrupt", {"prompt_id": str(uuid.uuid4())})[0] == 200
+    assert api.call(comfy, "POST", "/free", {"unload_models": True, "free_memory": True})[0] == 200
+    # An interrupt sent while idle does not hit the next prompt.
+    run = api.run(comfy, image_to_file(unique_prefix()))
+    assert run.history["status"]["status_str"] == "success"
+
+
+def test_interrupt_running_prompt(comfy, api):
+    stray = str(uuid.uuid4())
+    sent: list[str] = []
+
+    async def on_message(session, kind, data, prompt_id):
+        if kind == "progress" and not sent:
+            assert data == {"value": 1, "max": 200, "prompt_id": prompt_id, "node": "3"}
+            # An interrupt for another prompt is ignored; one for this prompt stops it.
+            async with session.post(f"{comfy.url}/interrupt", json={"prompt_id": stray}):
+                pass
+            async with session.post(f"{comfy.url}/interrupt", json={"prompt_id": prompt_id}):
+                sent.append(prompt_id)
+
+    prompt = with_test_node(unique_prefix(), "StandInSleep", {"seconds": 20.0, "steps": 200})
+    run = api.run(comfy, prompt, on_message=on_message, timeout=30)
+    assert sent
+    assert run.types()[-2:] == ["execution_interrupted", "executing"]
+    (interrupted,) = run.of_type("execution_interrupted")
+    assert interrupted == {
+        "prompt_id": run.prompt_id,
+        "node_id": "3",
+        "node_type": "StandInSleep",
+        "executed": ["1"],
+        "timestamp": interrupted["timestamp"],
+    }
+    assert run.history["status"]["status_str"] == "error"
+    assert run.history["status"]["completed"] is False
+    assert run.history["status"]["messages"][-1][0] == "execution_interrupted"
+    assert run.history["outputs"] == {}
+    assert api.call(comfy, "GET", f"/api/jobs/{run.prompt_id}")[1]["status"] == "cancelled"
+
+
+def test_running_and_pending_prompts_are_visible(comfy, api):
+    async def scenario():
+        import aiohttp
+
+        slow = with_test_node(unique_prefix(), "StandInSleep", {"seconds": 3.0, "steps": 30})
+        quick = image_to_file(unique_prefix())
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{comfy.url}/prompt", json={"prompt": slow}) as r:
+                slow_id = (await r.json())["prompt_id"]
+            async with session.post(f"{comfy.url}/prompt", json={"prompt": quick}) as r:
+                quick_id = (await r.json())["prompt_id"]
+            async with session.get(f"{comfy.url}/api/jobs/{quick_id}") as r:
+                pending = await r.json()
+            async with session.get(f"{comfy.url}/queue") as r:
+                queue = await r.json()
+            async with session.get(f"{comfy.url}/history/{slow_id}") as r:
+                slow_history = await r.json()
+            async with session.post(f"{comfy.url}/queue", json={"delete": [quick_id]}):
+                pass
+            async with session.post(f"{comfy.url}/interrupt", json={"prompt_id": slow_id}):
+                pass
+            for _ in range(300):
+                async with session.get(f"{comfy.url}/history/{slow_id}") as r:
+                    if await r.json():
+                        break
+                await asyncio.sleep(0.1)
+            async with session.get(f"{comfy.url}/api/jobs/{quick_id}") as r:
+                deleted = r.status
+            return slow_id, quick_id, pending, queue, slow_history, deleted
+
+    slow_id, quick_id, pending, queue, slow_history, deleted = asyncio.run(scenario())
+    assert slow_history == {}
+    assert pending["id"] == quick_id and pending["status"] == "pending"
+    assert [item[1] for item in queue["queue_pending"]] == [quick_id]
+    assert len(queue["queue_running"][0]) == 5
+    assert queue["queue_running"][0][1] == slow_id
+    assert deleted == 404
+
+
+def test_node_exception_is_execution_error(comfy, api):
+    prompt = with_test_node(
+        unique_prefix(), "StandInRaise", {"message": "boom", "exception": "ValueError"}
+    )
+    run = api.run(comfy, prompt)
+    assert run.types()[-2:] == ["execution_error", "executing"]
+    (error,) = run.of_type("execution_error")
+    assert error["prompt_id"] == run.prompt_id
+    assert error["node_id"] == "3" and error["node_type"] == "StandInRaise"
+    assert error["exception_type"] == "ValueError"
+    assert error["exception_message"] == "boom\n"
+    assert error["executed"] == ["1"]
+    assert isinstance(error["traceback"], list) and error["traceback"]
+    assert error["current_inputs"]["message"] == ["boom"]
+    assert sorted(error["current_outputs"]) == ["1", "2", "3"]
+    assert run.history["status"]["status_str"] == "error"
+    assert run.history["status"]["messages"][-1][0] == "execution_error"
+    _status, job = api.call(comfy, "GET", f"/api/jobs/{run.prompt_id}")
+    assert job["status"] == "failed"
+    assert job["execution_error"]["exception_type"] == "ValueError"
+
+
+def test_cuda_out_of_memory_shape(comfy, api):
+    prompt = with_test_node(unique_prefix(), "StandInOutOfMemory", {"allocate_mib": 20.0})
+    run = api.run(comfy, prompt)
+    (error,) = run.of_type("execution_error")
+    assert error["exception_type"] == "torch.OutOfMemoryError"
+    assert error["exception_message"].startswith("CUDA out of memory. Tried to allocate 20.00 MiB")
+    assert "This error means you ran out of memory on your GPU." in error["exception_message"]
+    assert run.history["status"]["status_str"] == "error"
+
+
+def test_reconnect_during_a_run_tells_the_current_node(comfy, api):
+    async def scenario() -> list[dict[str, Any]]:
+        import aiohttp
+
+        client_id = uuid.uuid4().hex
+        prompt = with_test_node(unique_prefix(), "StandInSleep", {"seconds": 20.0, "steps": 200})
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{comfy.url}/ws?clientId={client_id}") as first:
+                body = {"prompt": prompt, "client_id": client_id}
+                async with session.post(f"{comfy.url}/prompt", json=body) as r:
+                    prompt_id = (await r.json())["prompt_id"]
+                while True:
+                    event = await first.receive_json(timeout=20)
+                    if event["type"] == "progress":
+                        break
+            async with session.ws_connect(f"{comfy.url}/ws?clientId={client_id}") as again:
+                greeting = [await again.receive_json(timeout=10) for _ in range(2)]
+                async with session.post(f"{comfy.url}/interrupt", json={"prompt_id": prompt_id}):
+                    pass
+                while True:
+                    event = await again.receive_json(timeout=20)
+                    if event["type"] == "executing" and event["data"]["node"] is None:
+                        break
+            return greeting
+
+    status, executing = asyncio.run(scenario())
+    assert status["type"] == "status"
+    assert status["data"]["status"]["exec_info"]["queue_remaining"] == 1
+    assert executing == {"type": "executing", "data": {"node": "3"}}

@@ -1,0 +1,693 @@
+"""The GPU worker: takes jobs from the platform's queue, runs them in ComfyUI, reports back.
+
+Run with `python3 worker.py` (configuration from the environment, see README.md). The loop
+sleeps on queue events and on the ComfyUI websocket rather than polling, so a job's overhead is
+a few milliseconds; slow polls remain only as safety nets. Every failure mode ends in one of
+three places: the job is reported (completed, failed with a reason, cancelled), the job is put
+back in the queue untouched (the worker or its GPU could not run it now), or the worker waits
+with capped backoff for a dependency to return.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import logs
+import vram
+from comfy_client import ComfyClient, ComfyUnavailable, Outcome, execution_failure
+from config import Config, ConfigError
+from jobs import ClaimedJob, JobFailure, JobSource, SourceUnavailable, utc_now_iso, validate_job
+from logs import StateLog, job_id_var
+from outputs import collect, job_dir, tag_workflow
+from supervisor import ComfyProcess
+
+log = logging.getLogger("comfyui_worker")
+
+
+class _Stop(Exception):
+    """Raised inside a job when it must end early: timeout, cancellation or shutdown."""
+
+    def __init__(self, reason: str, stopped: bool, waited: float, restarted: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.stopped = stopped
+        self.waited = waited
+        self.restarted = restarted
+
+
+class Backoff:
+    """Capped exponential backoff: 0.5 s, 1 s, 2 s ... up to `cap`."""
+
+    def __init__(self, cap: float, start: float = 0.5) -> None:
+        self.cap, self.start, self.current = cap, start, start
+
+    def next(self) -> float:
+        value = self.current
+        self.current = min(self.current * 2, self.cap)
+        return value
+
+    def reset(self) -> None:
+        self.current = self.start
+
+
+class Worker:
+    """One worker process: one GPU, one ComfyUI, one job at a time."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        source: JobSource,
+        comfy: ComfyClient,
+        probe: vram.VramProbe,
+        comfy_process: ComfyProcess | None = None,
+        vram_table: list[tuple[str, int]] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.source = source
+        self.comfy = comfy
+        self.probe = probe
+        self.comfy_process = comfy_process
+        self.vram_table = vram_table or []
+        self.states = StateLog(log)
+        self.stopping = asyncio.Event()
+        self.state = "starting"
+        self.current: ClaimedJob | None = None
+        self.counts = {"completed": 0, "failed": 0, "cancelled": 0, "requeued": 0}
+        self.started_at = utc_now_iso()
+        self._vram_backoff = Backoff(cfg.vram_backoff_max, cfg.vram_backoff)
+        self._hold_until = 0.0
+        self._last_reading: vram.VramReading | None = None
+        self._heartbeat_now = asyncio.Event()
+        self._stop_deadline: float | None = None
+        self._comfy_down_since: float | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """First SIGTERM: finish the current job within WORKER_SHUTDOWN_GRACE; second: now."""
+        if self.stopping.is_set():
+            self._stop_deadline = time.monotonic()
+            log.warning("second stop signal: giving up the current job now")
+            return
+        log.info(
+            "stop requested: taking no more jobs%s",
+            f"; finishing job {self.current.id} within {self.cfg.shutdown_grace:g} s"
+            if self.current
+            else "",
+        )
+        self._stop_deadline = time.monotonic() + self.cfg.shutdown_grace
+        self.stopping.set()
+
+    async def run(self) -> None:
+        """Start everything, recover orphaned jobs, then take jobs until asked to stop."""
+        if self.comfy_process:
+            await self.comfy_process.start()
+        await self.source.start()
+        await self.comfy.start()
+        helpers = [
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+        ]
+        main = asyncio.create_task(self._main_loop(), name="main-loop")
+        helpers.append(asyncio.create_task(self._health_loop(main), name="health"))
+        try:
+            await main
+        finally:
+            self.state = "stopped"
+            await self._final_heartbeat()
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+            await self.comfy.close()
+            await self.source.close()
+            if self.comfy_process:
+                await self.comfy_process.stop()
+            with contextlib.suppress(OSError):
+                os.unlink(self.cfg.health_file)
+            log.info(
+                "stopped: %d completed, %d failed, %d cancelled, %d put back",
+                self.counts["completed"],
+                self.counts["failed"],
+                self.counts["cancelled"],
+                self.counts["requeued"],
+            )
+
+    async def _sleep_or_stop(self, seconds: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+
+    async def _until_stopped(self, aw: Awaitable[Any], timeout: float) -> None:
+        """Await `aw` for at most `timeout`, returning early when a stop is requested."""
+        task = asyncio.ensure_future(aw)
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait({task, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (task, stop):
+                if not t.done():
+                    t.cancel()
+            await asyncio.gather(task, stop, return_exceptions=True)
+
+    async def _recover(self) -> None:
+        backoff = Backoff(self.cfg.backoff_max)
+        while not self.stopping.is_set():
+            try:
+                recovered = await self.source.recover()
+            except SourceUnavailable:
+                await self._sleep_or_stop(backoff.next())
+                continue
+            if recovered:
+                log.warning(
+                    "put back %d job(s) left running by a previous run: %s",
+                    len(recovered),
+                    ", ".join(recovered),
+                )
+            return
+
+    async def _main_loop(self) -> None:
+        await self._recover()
+        backoff = Backoff(self.cfg.backoff_max)
+        while not self.stopping.is_set():
+            if not self.comfy.connected.is_set():
+                self._set_state("waiting_for_comfyui")
+                await self._restart_if_unresponsive()
+                await self._until_stopped(self.comfy.connected.wait(), self.cfg.backoff_max)
+                continue
+            self._comfy_down_since = None
+            hold = self._hold_until - time.monotonic()
+            if hold > 0:
+                self._set_state("vram_backoff")
+                await self._sleep_or_stop(hold)
+                continue
+            try:
+                job = await self.source.claim()
+            except SourceUnavailable:
+                self._set_state("queue_unreachable")
+                await self._sleep_or_stop(backoff.next())
+                continue
+            backoff.reset()
+            if job is None:
+                self._set_state("idle")
+                await self._until_stopped(
+                    self.source.wait_for_work(self.cfg.queue_poll_interval),
+                    self.cfg.queue_poll_interval,
+                )
+                continue
+            await self._process(job)
+
+    async def _restart_if_unresponsive(self) -> None:
+        """A managed ComfyUI that does not answer within COMFYUI_START_TIMEOUT is restarted."""
+        now = time.monotonic()
+        if self._comfy_down_since is None:
+            self._comfy_down_since = now
+            return
+        if self.comfy_process and now - self._comfy_down_since > self.cfg.comfyui_start_timeout:
+            log.error(
+                "ComfyUI has not answered for %.0f s (COMFYUI_START_TIMEOUT); restarting it",
+                now - self._comfy_down_since,
+            )
+            await self.comfy_process.restart()
+            self._comfy_down_since = time.monotonic()
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            self._heartbeat_now.set()
+
+    # -- one job ---------------------------------------------------------------------------
+
+    async def _process(self, job: ClaimedJob) -> None:
+        token = job_id_var.set(job.id)
+        self.current = job
+        if hasattr(self.source, "current_job_id"):
+            self.source.current_job_id = job.id  # type: ignore[attr-defined]
+        self._set_state("running")
+        log.info("claimed job (user %s)", job.user_id)
+        try:
+            await self._run(job)
+        except JobFailure as failure:
+            await self._report_failure(job, failure)
+        except Exception as exc:  # a bug must fail one job, not the worker
+            log.exception("internal error while running the job")
+            await self._report_failure(
+                job, JobFailure("internal", f"worker internal error: {type(exc).__name__}: {exc}")
+            )
+        finally:
+            self.current = None
+            if hasattr(self.source, "current_job_id"):
+                self.source.current_job_id = None  # type: ignore[attr-defined]
+            job_id_var.reset(token)
+
+    async def _run(self, job: ClaimedJob) -> None:
+        validate_job(job, self.cfg.max_job_bytes)
+        if not await self._admit(job):
+            return
+        workflow = tag_workflow(job.workflow, job.id)
+        while True:
+            try:
+                await self.comfy.submit(workflow, job.prompt_id)
+                break
+            except ComfyUnavailable as exc:
+                if await self._put_back(job, f"ComfyUI unreachable ({exc})"):
+                    return
+                await self._until_stopped(self.comfy.connected.wait(), self.cfg.backoff_max)
+                if self._deadline_passed(job):
+                    raise JobFailure(
+                        "comfyui", "ComfyUI stayed unreachable until the job timed out"
+                    ) from exc
+        try:
+            outcome = await self._supervise(job)
+        except _Stop as stop:
+            await self._after_stop(job, stop)
+            return
+        try:
+            await self._finish(job, outcome)
+        finally:
+            with contextlib.suppress(ComfyUnavailable):
+                await self.comfy.delete_history(job.prompt_id)
+
+    def _deadline_passed(self, job: ClaimedJob) -> bool:
+        return time.monotonic() - job.claimed_at >= self.cfg.job_timeout
+
+    async def _finish(self, job: ClaimedJob, outcome: Outcome) -> None:
+        if outcome.status == "error":
+            failure = execution_failure(outcome.error or {})
+            if failure.kind == "out_of_memory":
+                with contextlib.suppress(ComfyUnavailable):
+                    await self.comfy.free()
+            raise failure
+        if outcome.status == "interrupted":
+            raise JobFailure("interrupted", "the prompt was interrupted in ComfyUI by someone else")
+        dest = job_dir(self.cfg.outputs_dir, job.user_id, job.id)
+        try:
+            files = await collect(
+                outcome.outputs, dest, job.id, self.comfy, self.cfg.comfyui_output_dir
+            )
+        except ComfyUnavailable as exc:
+            raise JobFailure("outputs", f"could not fetch outputs from ComfyUI: {exc}") from exc
+        except OSError as exc:
+            raise JobFailure("outputs", f"could not store outputs in {dest}: {exc}") from exc
+        result = {
+            "outputs": files,
+            "output_dir": dest,
+            "prompt_id": job.prompt_id,
+            "execution_ms": outcome.execution_ms,
+            "duration_ms": round((time.monotonic() - job.claimed_at) * 1000, 1),
+            "worker_id": self.cfg.worker_id,
+            "comfyui_version": self.comfy.version,
+        }
+        verdict = await self._persist(lambda: self.source.complete(job, result))
+        if verdict == "ok":
+            self.counts["completed"] += 1
+            log.info(
+                "completed: %d output(s) in %s, ComfyUI ran %s ms",
+                len(files),
+                dest,
+                None if outcome.execution_ms is None else round(outcome.execution_ms),
+            )
+        elif verdict == "cancelled":
+            self.counts["cancelled"] += 1
+            log.info("finished, but the job was cancelled meanwhile; outputs kept in %s", dest)
+        else:
+            log.warning("finished, but the job is no longer ours to report (%s)", verdict)
+
+    async def _report_failure(self, job: ClaimedJob, failure: JobFailure) -> None:
+        verdict = await self._persist(
+            lambda: self.source.fail(job, failure.message, failure.result())
+        )
+        if verdict == "ok":
+            self.counts["failed"] += 1
+            log.warning("failed (%s): %s", failure.kind, failure.message.splitlines()[0])
+        elif verdict == "cancelled":
+            self.counts["cancelled"] += 1
+            log.info("job was cancelled")
+        else:
+            log.warning("failed (%s), but the job is no longer ours to report", failure.kind)
+
+    async def _persist(self, call: Callable[[], Awaitable[str]]) -> str:
+        """Report to the queue, retrying while it is down; gives up only at a forced stop."""
+        backoff = Backoff(self.cfg.backoff_max)
+        while True:
+            try:
+                return await call()
+            except SourceUnavailable:
+                if (
+                    self._stop_deadline is not None
+                    and time.monotonic() >= self._stop_deadline + self.cfg.interrupt_grace
+                ):
+                    log.error("queue unreachable at shutdown; the job stays running for recovery")
+                    return "unreported"
+                await asyncio.sleep(backoff.next())
+
+    async def _put_back(self, job: ClaimedJob, reason: str) -> bool:
+        """Requeue with the original score; False when the source cannot (HTTP API)."""
+        try:
+            ok = await self._persist(lambda: self.source.requeue(job, reason))
+        except SourceUnavailable:
+            ok = False
+        if ok:
+            self.counts["requeued"] += 1
+        return bool(ok)
+
+    # -- VRAM admission --------------------------------------------------------------------
+
+    async def _admit(self, job: ClaimedJob) -> bool:
+        """True to run now; False when the job went back to the queue (or the wait ran out)."""
+        if self.cfg.vram_check == "off":
+            return True
+        need = vram.estimate(
+            job.doc, self.vram_table, self.cfg.vram_default_mb, self.cfg.vram_margin_mb
+        )
+        while True:
+            verdict, reason = await self._measure(need)
+            if verdict == "run":
+                self._vram_backoff.reset()
+                return True
+            if verdict == "never":
+                raise JobFailure("vram", reason, {"vram": need.as_dict()})
+            delay = self._vram_backoff.next()
+            if await self._put_back(job, reason):
+                self._hold_until = time.monotonic() + delay
+                log.info("waiting %.0f s before taking another job (VRAM)", delay)
+                return False
+            # The HTTP source cannot requeue: hold the job and measure again later.
+            if self._deadline_passed(job) or self.stopping.is_set():
+                raise JobFailure("vram", f"{reason}; gave up waiting for VRAM")
+            self._set_state("vram_wait")
+            await self._sleep_or_stop(delay)
+
+    async def _measure(self, need: vram.Estimate) -> tuple[str, str]:
+        reading = self.probe.read()
+        if reading is None:
+            if self.cfg.vram_check == "auto":
+                self.states.set(
+                    "gpu memory", "unreadable", f"{self.probe.last_error}; admitting jobs"
+                )
+                return "run", ""
+            return "short", f"GPU memory cannot be read ({self.probe.last_error}) and VRAM_CHECK=on"
+        self._last_reading = reading
+        required = need.required_mb
+        if required > reading.total_mb:
+            return "never", (
+                f"job needs {required} MiB of VRAM ({need.source} estimate {need.estimate_mb} MiB"
+                f" + margin {need.margin_mb} MiB) but GPU {reading.gpu_index} has only "
+                f"{reading.total_mb} MiB in total"
+            )
+        if reading.free_mb >= required:
+            return "run", ""
+        log.info(
+            "VRAM short (%d MiB free, %d needed): asking ComfyUI to free its model cache",
+            reading.free_mb,
+            required,
+        )
+        with contextlib.suppress(ComfyUnavailable):
+            await self.comfy.free()
+        deadline = time.monotonic() + self.cfg.vram_free_wait
+        while time.monotonic() < deadline:
+            await asyncio.sleep(min(0.2, self.cfg.vram_free_wait))
+            reading = self.probe.read() or reading
+            if reading.free_mb >= required:
+                return "run", ""
+        self._last_reading = reading
+        return "short", (
+            f"job needs {required} MiB of VRAM but GPU {reading.gpu_index} has {reading.free_mb} "
+            f"of {reading.total_mb} MiB free after ComfyUI freed its cache "
+            "(held by other processes)"
+        )
+
+    # -- watching a running prompt ---------------------------------------------------------
+
+    async def _supervise(self, job: ClaimedJob) -> Outcome:
+        """Wait for the prompt, ending it early on timeout, cancellation or a forced stop."""
+        run = asyncio.ensure_future(self.comfy.wait(job.prompt_id))
+        cancel = asyncio.ensure_future(self._watch_cancel(job))
+        stop = asyncio.ensure_future(self.stopping.wait())
+        deadline = job.claimed_at + self.cfg.job_timeout
+        reason = None
+        try:
+            while True:
+                limit = deadline
+                if self.stopping.is_set() and self._stop_deadline is not None:
+                    limit = min(limit, self._stop_deadline)
+                waiting = {run, cancel} | ({stop} if not stop.done() else set())
+                await asyncio.wait(
+                    waiting,
+                    timeout=max(0.0, limit - time.monotonic()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if run.done():
+                    return run.result()
+                if cancel.done():
+                    reason = "cancelled"
+                elif time.monotonic() >= deadline:
+                    reason = "timeout"
+                elif self._stop_deadline is not None and time.monotonic() >= self._stop_deadline:
+                    reason = "shutdown"
+                if reason:
+                    break
+        finally:
+            cancel.cancel()
+            stop.cancel()
+            await asyncio.gather(cancel, stop, return_exceptions=True)
+        return await self._stop_prompt(job, run, reason)
+
+    async def _watch_cancel(self, job: ClaimedJob) -> None:
+        hint = self.source.cancel_hint()
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(hint.wait(), self.cfg.cancel_check_interval)
+            hint.clear()
+            try:
+                if await self.source.is_cancelled(job):
+                    return
+            except SourceUnavailable:
+                pass
+
+    async def _stop_prompt(
+        self, job: ClaimedJob, run: asyncio.Future[Outcome], reason: str
+    ) -> Outcome:
+        """Interrupt; if ComfyUI ignores it for WORKER_INTERRUPT_GRACE, free and restart it."""
+        log.info("interrupting the prompt in ComfyUI (%s)", reason)
+        started = time.monotonic()
+        with contextlib.suppress(ComfyUnavailable):
+            await self.comfy.interrupt(job.prompt_id)
+        outcome = None
+        try:
+            outcome = await asyncio.wait_for(asyncio.shield(run), self.cfg.interrupt_grace)
+            stopped = True
+        except asyncio.TimeoutError:
+            stopped = False
+        except JobFailure:
+            stopped = True  # ComfyUI dropped it from its queue before it ran
+        waited = time.monotonic() - started
+        if outcome is not None and outcome.status == "success" and reason == "timeout":
+            return outcome  # it finished in the grace period after all
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        self.comfy.forget(job.prompt_id)
+        restarted = False
+        if not stopped:
+            log.warning(
+                "ComfyUI did not stop within %.0f s of the interrupt; freeing and restarting it",
+                self.cfg.interrupt_grace,
+            )
+            with contextlib.suppress(ComfyUnavailable):
+                await self.comfy.free()
+            if self.comfy_process is not None:
+                await self.comfy_process.restart()
+                self.comfy.connected.clear()
+                restarted = True
+        else:
+            with contextlib.suppress(ComfyUnavailable):
+                await self.comfy.delete_history(job.prompt_id)
+        raise _Stop(reason, stopped, waited, restarted)
+
+    async def _after_stop(self, job: ClaimedJob, stop: _Stop) -> None:
+        if stop.stopped:
+            how = f"interrupted the prompt in ComfyUI, which stopped within {stop.waited:.1f} s"
+        elif stop.restarted:
+            how = (
+                f"ComfyUI did not stop within {self.cfg.interrupt_grace:g} s "
+                "(WORKER_INTERRUPT_GRACE) of the interrupt, so the worker freed and restarted it"
+            )
+        else:
+            how = (
+                f"ComfyUI did not stop within {self.cfg.interrupt_grace:g} s "
+                "(WORKER_INTERRUPT_GRACE) of the interrupt; it is not managed by this worker "
+                "(COMFYUI_START=false) and was left running"
+            )
+        if stop.reason == "cancelled":
+            with contextlib.suppress(SourceUnavailable):
+                await self.source.mark_cancelled(job)
+            self.counts["cancelled"] += 1
+            log.info("cancelled through the platform; %s", how)
+        elif stop.reason == "shutdown":
+            if not await self._put_back(job, f"worker stopping; {how}"):
+                await self._report_failure(
+                    job, JobFailure("shutdown", f"worker stopped before the job finished; {how}")
+                )
+        else:
+            raise JobFailure(
+                "timeout",
+                f"job timed out after {self.cfg.job_timeout:g} s (WORKER_JOB_TIMEOUT); {how}",
+            )
+
+    # -- liveness --------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The `worker:{id}:status` record."""
+        reading = self._last_reading
+        return {
+            "worker_id": self.cfg.worker_id,
+            "state": self.state,
+            "current_job": self.current.id if self.current else None,
+            "jobs_completed": self.counts["completed"],
+            "jobs_failed": self.counts["failed"],
+            "jobs_cancelled": self.counts["cancelled"],
+            "jobs_requeued": self.counts["requeued"],
+            "vram": reading.as_dict() if reading else None,
+            "comfyui_version": self.comfy.version,
+            "comfyui_connected": self.comfy.connected.is_set(),
+            "comfyui_restarts": self.comfy_process.restarts if self.comfy_process else None,
+            "queue_source": self.cfg.queue_source,
+            "queue_mode": self.cfg.queue_mode,
+            "gpu_index": self.cfg.gpu_index,
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "updated_at": utc_now_iso(),
+        }
+
+    async def _heartbeat_loop(self) -> None:
+        """Refresh the heartbeat every HEARTBEAT_INTERVAL whatever the worker is doing."""
+        while True:
+            reading = self.probe.read() if self.cfg.vram_check != "off" else None
+            if reading is not None:
+                self._last_reading = reading
+            with contextlib.suppress(SourceUnavailable):
+                await self.source.heartbeat(self.status())
+            self._heartbeat_now.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._heartbeat_now.wait(), self.cfg.heartbeat_interval)
+
+    async def _final_heartbeat(self) -> None:
+        with contextlib.suppress(SourceUnavailable, Exception):
+            await asyncio.wait_for(self.source.heartbeat(self.status()), 2)
+
+    async def _health_loop(self, main: asyncio.Task[None]) -> None:
+        """Writes HEALTH_FILE while the main loop lives; the HEALTHCHECK reads it."""
+        path = self.cfg.health_file
+        while not main.done():
+            doc = {
+                "ts": time.time(),
+                "state": self.state,
+                "pid": os.getpid(),
+                "comfyui_connected": self.comfy.connected.is_set(),
+                "current_job": self.current.id if self.current else None,
+            }
+            try:
+                tmp = f"{path}.tmp"
+                with open(tmp, "w", encoding="utf-8") as fh:
+                    json.dump(doc, fh)
+                os.replace(tmp, path)
+            except OSError as exc:
+                self.states.set("health file", "unwritable", str(exc), logging.WARNING)
+            await asyncio.sleep(self.cfg.health_interval)
+
+
+def build(cfg: Config) -> Worker:
+    """Wire the worker from configuration (tests build their own with other parts)."""
+    states = StateLog(log)
+    if cfg.queue_source == "http":
+        from queue_http import HttpJobSource
+
+        source: JobSource = HttpJobSource(cfg, states)
+    else:
+        from queue_redis import RedisJobSource
+
+        source = RedisJobSource(cfg, states)
+    comfy = ComfyClient(
+        cfg.comfyui_url,
+        client_id=f"comfyume-worker-{cfg.worker_id}",
+        http_timeout=cfg.comfyui_timeout,
+        poll_interval=cfg.comfyui_poll_interval,
+        backoff_max=cfg.backoff_max,
+        states=states,
+    )
+    try:
+        table = vram.load_table(cfg.vram_table)
+    except (OSError, ValueError) as exc:
+        raise ConfigError([f"VRAM_MODEL_TABLE: {exc}"]) from exc
+    process = ComfyProcess(cfg, states) if cfg.comfyui_start else None
+    worker = Worker(cfg, source, comfy, vram.VramProbe(cfg.gpu_index), process, table)
+    worker.states = states
+    return worker
+
+
+def _redacted(cfg: Config) -> dict[str, Any]:
+    doc = dataclasses.asdict(cfg)
+    doc["redis_password"] = "***" if cfg.redis_password else ""
+    return doc
+
+
+async def _amain(cfg: Config) -> int:
+    worker = build(cfg)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.request_stop)
+    log.info(
+        "starting: source=%s mode=%s comfyui=%s gpu=%d outputs=%s",
+        cfg.queue_source,
+        cfg.queue_mode,
+        cfg.comfyui_url,
+        cfg.gpu_index,
+        cfg.outputs_dir,
+    )
+    if cfg.queue_source == "redis" and not cfg.redis_password:
+        log.warning("REDIS_PASSWORD is empty; the platform's Redis requires one")
+    await worker.run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the environment, print the configuration (secrets hidden) and exit",
+    )
+    args = parser.parse_args(argv)
+    try:
+        cfg = Config.from_env()
+        if cfg.vram_table:
+            vram.load_table(cfg.vram_table)
+    except ConfigError as exc:
+        print(f"comfyui-worker: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"comfyui-worker: invalid configuration:\n  VRAM_MODEL_TABLE: {exc}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(json.dumps(_redacted(cfg), indent=2))
+        return 0
+    logs.setup(cfg.worker_id, cfg.log_format, cfg.log_level)
+    try:
+        return asyncio.run(_amain(cfg))
+    except Exception:
+        log.exception("worker crashed")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Shared helpers for the default scenario's verify step.
+
+testinfra reaches the simulated hosts through docker exec. Some checks must run the
+real playbooks again (check mode, data safety, bad input): `run_playbook` does that
+against the same hosts through the repository's local inventory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import testinfra
+
+REPO = Path(__file__).resolve().parents[3]
+INVENTORY = REPO / "inventories" / "local"
+GPU_HOST = "verda-sim"
+APP_HOST = "app-server"
+
+
+@dataclass
+class PlaybookRun:
+    rc: int
+    output: str
+
+
+def run_playbook(playbook: str | Path, *args: str, timeout: int = 900) -> PlaybookRun:
+    """Run ansible-playbook from the repository root against the simulated hosts."""
+    env = dict(os.environ)
+    env.update(
+        ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
+        ANSIBLE_FORCE_COLOR="0",
+        ANSIBLE_NOCOLOR="1",
+        ANSIBLE_STDOUT_CALLBACK="ansible.builtin.default",
+    )
+    proc = subprocess.run(
+        ["ansible-playbook", "-i", str(INVENTORY), str(playbook), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    return PlaybookRun(proc.returncode, proc.stdout + proc.stderr)
+
+
+RECAP_LINE = re.compile(r"^(?P<host>\S+)\s*:\s*(?P<counts>ok=\d+.*)$")
+
+
+def recap(output: str) -> dict[str, dict[str, int]]:
+    """Parse the PLAY RECAP lines into {host: {ok: n, changed: n, ...}}."""
+    hosts: dict[str, dict[str, int]] = {}
+    for line in output.splitlines():
+        match = RECAP_LINE.match(line.strip())
+        if match:
+            counts = (item.split("=", 1) for item in match["counts"].split())
+            hosts[match["host"]] = {k: int(v) for k, v in counts}
+    return hosts
+
+
+@pytest.fixture(scope="session")
+def gpu_host():
+    return testinfra.get_host(f"docker://{GPU_HOST}")
+
+
+@pytest.fixture(scope="session")
+def app_host():
+    return testinfra.get_host(f"docker://{APP_HOST}")
+
+
+@pytest.fixture(scope="session")
+def sim_state_dir() -> Path:
+    return Path(os.environ.get("COMFYUME_SIM_STATE", "/var/lib/comfyume-sim"))
+
+
+@pytest.fixture(scope="session")
+def redis_password(sim_state_dir: Path) -> str:
+    return (sim_state_dir / "redis-password").read_text().split()[0]

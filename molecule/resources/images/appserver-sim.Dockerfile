@@ -1,0 +1,11 @@
+# A simulated comfyume app server: systemd and Debian's redis-server. The password is
+# set by the scenario's prepare step, never baked into the image.
+ARG BASE
+FROM ${BASE}
+ENV container=docker
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y \
+      systemd systemd-sysv dbus python3 redis-server iproute2 procps \
+ && rm -rf /var/lib/apt/lists/*
+STOPSIGNAL SIGRTMIN+3
+CMD ["/lib/systemd/systemd"]
