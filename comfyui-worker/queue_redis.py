@@ -52,6 +52,13 @@ if ARGV[5] ~= '' then redis.call('PUBLISH', 'queue:updates', ARGV[5]) end
 return 1
 """
 
+# The head of queue:pending with its score and job JSON, in one round trip.
+PEEK_LUA = """
+local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if #head == 0 then return false end
+return {head[1], head[2], redis.call('GET', 'job:' .. head[1])}
+"""
+
 # A pending id whose job key is gone cannot be run: drop it, but only if it is still gone.
 DROP_GHOST_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -89,6 +96,7 @@ class RedisJobSource:
         )
         self._transition = self.redis.register_script(TRANSITION_LUA)
         self._drop_ghost = self.redis.register_script(DROP_GHOST_LUA)
+        self._peek = self.redis.register_script(PEEK_LUA)
         self._wake = asyncio.Event()
         self._cancel_hint = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
@@ -168,15 +176,19 @@ class RedisJobSource:
         self.states.set("redis", "up")
         return result
 
-    async def _select(self) -> tuple[str, float] | None:
-        """Next candidate by QUEUE_MODE; the claim itself re-checks it atomically."""
+    async def _select(self) -> tuple[str, float, bytes | None] | None:
+        """Next candidate by QUEUE_MODE, with its JSON; the claim re-checks it atomically."""
         if self.cfg.queue_mode != "round_robin":
-            head = await self._call(self.redis.zrange(PENDING, 0, 0, withscores=True))
+            head = await self._call(self._peek(keys=[PENDING]))
             if not head:
                 return None
-            member, score = head[0]
-            return member.decode(), float(score)
-        return await self._select_round_robin()
+            member, score, raw = head
+            return member.decode(), float(score), raw
+        picked = await self._select_round_robin()
+        if picked is None:
+            return None
+        raw = await self._call(self.redis.get(f"job:{picked[0]}"))
+        return picked[0], picked[1], raw
 
     async def _select_round_robin(self) -> tuple[str, float] | None:
         """The oldest job of the user with the fewest completions (user:{id}:completed)."""
@@ -218,9 +230,8 @@ class RedisJobSource:
             candidate = await self._select()
             if candidate is None:
                 return None
-            job_id, score = candidate
+            job_id, score, raw = candidate
             key = f"job:{job_id}"
-            raw = await self._call(self.redis.get(key))
             if raw is None:
                 if await self._call(self._drop_ghost(keys=[key, PENDING], args=[job_id])):
                     log.warning("dropped pending id %s: its job key does not exist", job_id)

@@ -85,14 +85,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--password-file", help="file whose first word is the password")
     parser.add_argument("--user", default="demo", help="user_id of the job")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait")
+    parser.add_argument(
+        "--host-outputs",
+        help="where the workers' /outputs is on the GPU host: print a summary, not the job JSON",
+    )
     args = parser.parse_args(argv)
 
     client = redis.Redis(args.host, args.port, password=read_password(args.password_file))
     job_id = enqueue(client, json.loads(args.workflow.read_text()), args.user)
     print(f"queued job {job_id} for user {args.user}", file=sys.stderr)
     doc = wait(client, job_id, args.timeout)
-    print(json.dumps(doc, indent=2, default=str))
+    if args.host_outputs:
+        print(summary(doc, args.host_outputs))
+    else:
+        print(json.dumps(doc, indent=2, default=str))
     return 0 if doc.get("status") == "completed" else 1
+
+
+def summary(doc: dict[str, Any], host_outputs: str) -> str:
+    """A person's view of a finished job: status, timings, result, output paths."""
+    result = doc.get("result") or {}
+    lines = [
+        f"job {doc['id']}: {doc['status']} on {doc.get('worker_id')}"
+        f" (ComfyUI {result.get('execution_ms')} ms, worker {result.get('duration_ms')} ms)",
+    ]
+    if doc.get("error"):
+        lines.append(f"error: {doc['error']}")
+    lines.append("result: " + json.dumps(result, indent=2))
+    for out in result.get("outputs", []):
+        path = out["path"]
+        lines.append(f"output in the worker:   {path}")
+        lines.append(f"output on the GPU host: {host_outputs}{path.removeprefix('/outputs')}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -92,26 +92,27 @@ class Rig:
         wait_until(up, 15, "redis-server")
         self.comfy: list[tuple[str, Path]] = []
 
-    def start_comfy(self, count: int) -> None:
-        for i in range(count):
+    def start_comfy(self, count: int, real_source: Path | None = None) -> None:
+        """Stand-ins, or one real ComfyUI (CPU) when `real_source` is a v0.11.0 checkout."""
+        for _ in range(count):
             port = free_port()
-            base = self.root / f"comfy{i}"
+            base = self.root / f"comfy{len(self.comfy)}"
             out = base / "outputs" / ".comfyui"
             out.mkdir(parents=True)
+            args = ["--listen", "127.0.0.1", "--port", str(port), "--output-directory", str(out)]
+            args += ["--input-directory", str(base / "in")]
+            if real_source is not None:
+                python = os.environ.get("COMFYUI_PYTHON") or str(real_source / ".venv/bin/python")
+                cmd = [python, str(real_source / "main.py"), *args, "--cpu"]
+                cmd += ["--base-directory", str(base), "--disable-auto-launch"]
+                cwd, limit = real_source, 240
+                (base / "custom_nodes").mkdir()  # ComfyUI lists it at start
+            else:
+                cmd, cwd, limit = [PY, str(STANDIN), *args], STANDIN.parent, 30
             log = open(base / "comfy.log", "wb")  # noqa: SIM115
-            self.procs.append(
-                subprocess.Popen(
-                    [
-                        *(PY, str(STANDIN), "--listen", "127.0.0.1", "--port", str(port)),
-                        *("--output-directory", str(out), "--input-directory", str(base / "in")),
-                    ],
-                    cwd=STANDIN.parent,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
+            self.procs.append(subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT))
             url = f"http://127.0.0.1:{port}"
-            wait_until(lambda u=url: _http_ok(u + "/system_stats"), 30, "the stand-in")
+            wait_until(lambda u=url: _http_ok(u + "/system_stats"), limit, f"ComfyUI at {url}")
             self.comfy.append((url, base))
 
     def start_worker(self, index: int, name: str) -> subprocess.Popen:
@@ -333,18 +334,32 @@ def main() -> int:
     parser.add_argument("--baseline-jobs", type=int, default=25, help="jobs for the 2 s poller")
     parser.add_argument("--throughput-jobs", type=int, default=200)
     parser.add_argument("--idle-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--comfyui-source",
+        type=Path,
+        default=os.environ.get("COMFYUI_SOURCE") or None,
+        help="a real ComfyUI v0.11.0 checkout (with .venv) for the overhead comparison "
+        "(default: $COMFYUI_SOURCE; the stand-in otherwise)",
+    )
     args = parser.parse_args()
     if not STANDIN.is_file():
         raise SystemExit(f"bench: the ComfyUI stand-in is missing: {STANDIN}")
 
     root = Path(tempfile.mkdtemp(prefix="worker-bench-"))
     rig = Rig(root)
+    kind = "ComfyUI stand-in"
     try:
         rig.start_comfy(4)
-        print(f"bench: redis-server, 4 ComfyUI stand-ins, workers in {root}", flush=True)
+        overhead_comfy = 0
+        kind = "ComfyUI stand-in"
+        if args.comfyui_source:
+            rig.start_comfy(1, args.comfyui_source)
+            overhead_comfy, kind = 4, "real ComfyUI v0.11.0 (--cpu)"
+        print(f"bench: redis-server, ComfyUI stand-ins, workers in {root}", flush=True)
+        print(f"bench: overhead measured against the {kind}", flush=True)
 
         # 1. Overhead: this worker, then the polling design, on the same ComfyUI.
-        worker = rig.start_worker(0, "overhead")
+        worker = rig.start_worker(overhead_comfy, "overhead")
         sequential_overheads(rig, 10, 0)  # warm-up
         ours = sequential_overheads(rig, args.jobs, 0.01)
         # 4. Idle CPU of the same worker, with nothing queued.
@@ -354,7 +369,7 @@ def main() -> int:
         idle_cpu = (cpu_seconds(worker.pid) - c0) / (time.monotonic() - t0) * 100
         rig.stop_worker(worker)
 
-        poller = PollingWorker(rig, rig.comfy[0][0])
+        poller = PollingWorker(rig, rig.comfy[overhead_comfy][0])
         poller.start()
         # Submits spread uniformly over the 2 s poll period, as users' submits are.
         theirs = sequential_overheads(rig, args.baseline_jobs, 2.0)
@@ -369,7 +384,7 @@ def main() -> int:
     med_ours, med_theirs = statistics.median(ours), statistics.median(theirs)
     p99_ours, p99_theirs = pct(ours, 0.99), pct(theirs, 0.99)
     print()
-    print("per-job overhead (submit -> completed, minus ComfyUI's execution time), ms")
+    print(f"per-job overhead (submit -> completed, minus ComfyUI's execution time), ms; {kind}")
     print(f"  {'':26}{'median':>10}{'p99':>10}{'max':>10}{'jobs':>7}")
     print(f"  {'this worker':26}{med_ours:10.1f}{p99_ours:10.1f}{max(ours):10.1f}{len(ours):7d}")
     print(

@@ -49,10 +49,15 @@ reqs=(-r "$here/requirements.txt")
   "${reqs[@]}" -d "$ctx/wheels" 2>&1 | { grep -v 'is ignored: it is neither' || true; } >&2
 
 say "building $tag on $base_image"
+previous="$(docker image inspect -f '{{.Id}}' "$tag" 2>/dev/null || true)"
 docker build -q -t "$tag" \
   --build-arg BASE_IMAGE="$base_image" \
   --build-arg PIP_INSTALL_ARGS="--no-index --find-links /tmp/wheels" \
   "$ctx" >/dev/null
+# The previous build of this tag would stay behind as a dangling image.
+if [[ -n "$previous" && "$previous" != "$(docker image inspect -f '{{.Id}}' "$tag")" ]]; then
+  docker rmi "$previous" >/dev/null 2>&1 || true
+fi
 
 # 2. Redis on the host's loopback, password given on stdin (never on a command line).
 port="$("$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"

@@ -307,6 +307,16 @@ def test_priority_then_fifo_order(r, comfyui, worker_env, start_worker):
     assert started == [ids[2], ids[1], ids[3], ids[0]]
 
 
+def test_job_without_an_event_is_found_by_the_fallback_poll(r, comfyui, worker_env, start_worker):
+    """The queue-manager's event can be lost (its publish bug); the slow poll finds the job."""
+    worker = start_worker(worker_env)
+    wait_for(lambda: r.exists(f"worker:{worker_env['WORKER_ID']}:status"), 10, "worker start")
+    time.sleep(0.3)
+    job_id = submit(r, image_workflow(), publish=False)
+    assert wait_job(r, job_id)["status"] == "completed"
+    assert worker.process.poll() is None
+
+
 def test_round_robin_prefers_user_with_fewest_completions(r, comfyui, worker_env, start_worker):
     r.set("user:busy:completed", 5)
     busy = [submit(r, image_workflow(), user_id="busy", publish=False) for _ in range(2)]
@@ -323,13 +333,14 @@ def test_heartbeat_stays_alive_during_a_long_job(r, comfyui, worker_env, start_w
     worker_env.update(HEARTBEAT_TTL="2", HEARTBEAT_INTERVAL="0.5")
     start_worker(worker_env)
     key = f"worker:{worker_env['WORKER_ID']}:heartbeat"
-    job_id = submit(r, node_workflow("StandInSleep", seconds=3.0, steps=30))
+    job_id = submit(r, node_workflow("StandInSleep", seconds=4.0, steps=40))
     wait_job(r, job_id, ("running",))
+    status_key = f"worker:{worker_env['WORKER_ID']}:status"
+    wait_for(lambda: json.loads(r.get(status_key)).get("current_job") == job_id, 3, "status update")
+    assert json.loads(r.get(status_key))["state"] == "running"
     for _ in range(6):
         time.sleep(0.5)
         assert r.exists(key), "heartbeat expired during the job"
-    status = json.loads(r.get(f"worker:{worker_env['WORKER_ID']}:status"))
-    assert status["state"] == "running" and status["current_job"] == job_id
     assert wait_job(r, job_id)["status"] == "completed"
 
 
@@ -381,7 +392,14 @@ def test_redis_down_at_start_then_up(worker_env, start_worker, tmp_path, comfyui
     try:
         client = server.client()
         job_id = submit(client, image_workflow())
-        assert wait_job(client, job_id, t=20)["status"] == "completed"
+        try:
+            assert wait_job(client, job_id, t=20)["status"] == "completed"
+        except AssertionError as exc:
+            with urllib.request.urlopen(f"{comfyui.url}/queue") as resp:
+                queue = resp.read().decode()[:2000]
+            raise AssertionError(
+                f"{exc}\nworker log:\n{worker.log()}\nComfyUI queue: {queue}"
+            ) from None
         assert "s3cret-pw" not in worker.log()
     finally:
         worker.stop()

@@ -46,7 +46,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.02) -> Any:
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, what: str | Callable[[], str], step: float = 0.02
+) -> Any:
     """Poll `predicate` until it returns something truthy; fail the test with `what` otherwise."""
     deadline = time.monotonic() + timeout
     while True:
@@ -54,7 +56,8 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, step: floa
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            text = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout} s waiting for {text}")
         time.sleep(step)
 
 
@@ -324,7 +327,7 @@ def wait_job(
     return wait_for(
         lambda: (doc := job(client, job_id)).get("status") in statuses and doc,
         t,
-        f"job {job_id} to reach {statuses} (now {job(client, job_id).get('status')})",
+        lambda: f"job {job_id} to reach {statuses} (now {job(client, job_id).get('status')})",
     )
 
 

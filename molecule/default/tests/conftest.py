@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import pytest
 import testinfra
 
 REPO = Path(__file__).resolve().parents[3]
+# scripts/submit_job.py queues jobs the way the platform does; the tests use it too.
+sys.path.insert(0, str(REPO / "scripts"))
 INVENTORY = REPO / "inventories" / "local"
 GPU_HOST = "verda-sim"
 APP_HOST = "app-server"
@@ -81,3 +84,22 @@ def sim_state_dir() -> Path:
 @pytest.fixture(scope="session")
 def redis_password(sim_state_dir: Path) -> str:
     return (sim_state_dir / "redis-password").read_text().split()[0]
+
+
+@pytest.fixture(scope="session")
+def redis_client(redis_password):
+    import redis
+
+    address = subprocess.run(
+        [
+            "docker",
+            "inspect",
+            "--format",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            APP_HOST,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    return redis.Redis(address, 6379, password=redis_password, socket_timeout=10)

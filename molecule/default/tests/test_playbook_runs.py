@@ -3,9 +3,11 @@ data is never destroyed, and bad input fails at role entry naming the variable."
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
+import yaml
 from conftest import REPO, recap, run_playbook
 
 ROLE_PLAYBOOK = REPO / "molecule" / "default" / "tests" / "playbooks" / "role.yml"
@@ -143,3 +145,19 @@ def test_unreachable_required_sfs_share_fails_with_a_clear_message():
     assert run.rc != 0
     assert "The SFS share 127.0.0.1:/SFS-missing is unreachable" in run.output
     assert "storage_sfs_required" in run.output
+
+
+def test_inconsistent_timeouts_fail_before_anything_changes():
+    timeouts = yaml.safe_load(
+        (REPO / "inventories/production/group_vars/all/timeouts.yml").read_text()
+    )["comfyume_timeouts"]
+    broken = {**timeouts, "job": 600, "heartbeat_interval": 90}
+    run = run_playbook(REPO / "site.yml", "-e", json.dumps({"comfyume_timeouts": broken}))
+    assert run.rc != 0
+    assert "worker_timeouts.job (600 s) must be at least worker_timeouts.comfyui_http (900 s)" in (
+        run.output
+    )
+    hosts = recap(run.output)
+    assert all(counts["changed"] == 0 for counts in hosts.values()), hosts
+    # The preflight play stopped the run: no role's task ran.
+    assert "Install ufw and fail2ban" not in run.output

@@ -5,7 +5,7 @@ FROM ${BASE}
 ENV container=docker
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y \
-      systemd systemd-sysv dbus python3 redis-server iproute2 procps \
+      systemd systemd-sysv dbus python3 sudo redis-server iproute2 procps \
  && rm -rf /var/lib/apt/lists/*
 STOPSIGNAL SIGRTMIN+3
 CMD ["/lib/systemd/systemd"]

@@ -1,0 +1,85 @@
+"""The deployed workers: healthy, configured from group_vars, and completing a real job
+pushed into the app server's queue, with its output on the scratch disk."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import submit_job
+import yaml
+from conftest import REPO, run_playbook
+
+TIMEOUTS = yaml.safe_load(
+    (REPO / "inventories/production/group_vars/all/timeouts.yml").read_text()
+)["comfyume_timeouts"]
+
+
+def inspect(gpu_host, name: str) -> dict:
+    return json.loads(gpu_host.check_output(f"docker inspect {name}"))[0]
+
+
+@pytest.mark.parametrize("name", ["worker-1", "worker-2"])
+def test_workers_are_healthy_with_their_own_ids(gpu_host, name):
+    info = inspect(gpu_host, name)
+    assert info["State"]["Health"]["Status"] == "healthy"
+    env = dict(item.split("=", 1) for item in info["Config"]["Env"])
+    assert env["WORKER_ID"] == f"verda-sim-{name}"
+    assert info["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
+
+
+def test_worker_environment_carries_the_configured_timeouts(gpu_host):
+    env = dict(item.split("=", 1) for item in inspect(gpu_host, "worker-1")["Config"]["Env"])
+    assert env["COMFYUI_TIMEOUT"] == str(TIMEOUTS["comfyui_http"])
+    assert env["WORKER_JOB_TIMEOUT"] == str(TIMEOUTS["job"])
+    assert env["QUEUE_MANAGER_TIMEOUT"] == str(TIMEOUTS["queue_manager_http"])
+    assert env["HEARTBEAT_TTL"] == str(TIMEOUTS["heartbeat_ttl"])
+    assert env["HEARTBEAT_INTERVAL"] == str(TIMEOUTS["heartbeat_interval"])
+
+
+def test_healthcheck_carries_the_configured_timings(gpu_host):
+    check = inspect(gpu_host, "worker-1")["Config"]["Healthcheck"]
+    seconds = 1_000_000_000
+    assert check["Interval"] == TIMEOUTS["healthcheck_interval"] * seconds
+    assert check["Timeout"] == TIMEOUTS["healthcheck_timeout"] * seconds
+    assert check["StartPeriod"] == TIMEOUTS["healthcheck_start_period"] * seconds
+    assert check["Retries"] == TIMEOUTS["healthcheck_retries"]
+
+
+def test_project_env_is_private_to_dev(gpu_host):
+    env = gpu_host.file("/home/dev/comfyume/.env")
+    assert env.user == "dev"
+    assert env.mode == 0o600
+
+
+def test_redis_answers_from_inside_worker_1(gpu_host):
+    out = gpu_host.check_output(
+        "docker exec worker-1 /opt/worker-venv/bin/python -c "
+        "\"import os, redis; print(redis.Redis(os.environ['REDIS_HOST'], "
+        "password=os.environ['REDIS_PASSWORD']).ping())\""
+    )
+    assert out == "True"
+
+
+def test_a_queued_job_completes_with_its_output_on_the_scratch_disk(gpu_host, redis_client):
+    workflow = json.loads((REPO / "data/workflows/empty-image.json").read_text())
+    job_id = submit_job.enqueue(redis_client, workflow, "molecule-user")
+    doc = submit_job.wait(redis_client, job_id, timeout=120)
+    assert doc["status"] == "completed", doc
+    assert doc["worker_id"] in ("verda-sim-worker-1", "verda-sim-worker-2")
+    [output] = doc["result"]["outputs"]
+    assert output["path"].startswith(f"/outputs/molecule-user/{job_id}/")
+    on_disk = "/mnt/scratch/outputs" + output["path"].removeprefix("/outputs")
+    png = gpu_host.file(on_disk)
+    assert png.exists
+    assert png.size == output["size"]
+    assert png.user == "dev"
+    assert redis_client.zscore("queue:completed", job_id) is not None
+
+
+def test_second_converge_leaves_the_workers_untouched(gpu_host):
+    before = {n: inspect(gpu_host, n)["Id"] for n in ("worker-1", "worker-2")}
+    run = run_playbook(REPO / "site.yml", "--tags", "worker")
+    assert run.rc == 0, run.output[-3000:]
+    after = {n: inspect(gpu_host, n)["Id"] for n in ("worker-1", "worker-2")}
+    assert after == before

@@ -1,0 +1,57 @@
+"""Every role documents and validates what it takes: each default has a comment, an
+argument-spec entry, and a row in the role's README; specs name nothing undefined."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROLES = sorted(p for p in (Path(__file__).resolve().parents[1] / "roles").iterdir() if p.is_dir())
+
+
+def defaults(role: Path) -> dict:
+    path = role / "defaults" / "main.yml"
+    return yaml.safe_load(path.read_text()) or {} if path.exists() else {}
+
+
+def spec_options(role: Path) -> dict:
+    spec = yaml.safe_load((role / "meta" / "argument_specs.yml").read_text())
+    return spec["argument_specs"]["main"].get("options", {})
+
+
+@pytest.mark.parametrize("role", ROLES, ids=lambda p: p.name)
+def test_every_default_is_in_the_argument_spec(role):
+    missing = sorted(set(defaults(role)) - set(spec_options(role)))
+    assert not missing, f"{role.name}: defaults without an argument spec: {missing}"
+
+
+@pytest.mark.parametrize("role", ROLES, ids=lambda p: p.name)
+def test_every_variable_is_prefixed_with_the_role_name(role):
+    names = set(defaults(role)) | set(spec_options(role))
+    stray = sorted(n for n in names if not n.startswith(f"{role.name}_"))
+    assert not stray, f"{role.name}: variables without the role prefix: {stray}"
+
+
+@pytest.mark.parametrize("role", ROLES, ids=lambda p: p.name)
+def test_every_default_has_a_comment_and_a_readme_row(role):
+    path = role / "defaults" / "main.yml"
+    if not path.exists():
+        pytest.skip("no defaults")
+    lines = path.read_text().splitlines()
+    readme = (role / "README.md").read_text()
+    for i, line in enumerate(lines):
+        match = re.match(r"^([a-z0-9_]+):", line)
+        if not match:
+            continue
+        assert lines[i - 1].lstrip().startswith("#"), f"{role.name}: {match[1]} has no comment"
+        assert f"`{match[1]}`" in readme, f"{role.name}: {match[1]} is not in README.md"
+
+
+@pytest.mark.parametrize("role", ROLES, ids=lambda p: p.name)
+def test_secrets_are_marked_no_log(role):
+    for name, option in spec_options(role).items():
+        if re.search(r"(password|authkey|secret|token)$", name):
+            assert option.get("no_log") is True, f"{role.name}: {name} must be no_log"
