@@ -257,6 +257,7 @@ class Worker:
         while True:
             try:
                 await self.comfy.submit(workflow, job.prompt_id)
+                log.debug("queued prompt %s in ComfyUI", job.prompt_id)
                 break
             except ComfyUnavailable as exc:
                 if await self._put_back(job, f"ComfyUI unreachable ({exc})"):
@@ -271,6 +272,7 @@ class Worker:
         except _Stop as stop:
             await self._after_stop(job, stop)
             return
+        log.debug("prompt %s ended: %s", job.prompt_id, outcome.status)
         try:
             await self._finish(job, outcome)
         finally:
@@ -483,13 +485,19 @@ class Worker:
         with contextlib.suppress(ComfyUnavailable):
             await self.comfy.interrupt(job.prompt_id)
         outcome = None
-        try:
-            outcome = await asyncio.wait_for(asyncio.shield(run), self.cfg.interrupt_grace)
-            stopped = True
-        except asyncio.TimeoutError:
-            stopped = False
-        except JobFailure:
-            stopped = True  # ComfyUI dropped it from its queue before it ran
+        stopped = False
+        deadline = started + self.cfg.interrupt_grace
+        while not stopped and time.monotonic() < deadline:
+            try:
+                step = min(1.0, max(0.0, deadline - time.monotonic()))
+                outcome = await asyncio.wait_for(asyncio.shield(run), step)
+                stopped = True
+            except asyncio.TimeoutError:
+                # The prompt may have started just after the interrupt: ask again.
+                with contextlib.suppress(ComfyUnavailable):
+                    await self.comfy.interrupt(job.prompt_id)
+            except JobFailure:
+                stopped = True  # ComfyUI dropped it from its queue before it ran
         waited = time.monotonic() - started
         if outcome is not None and outcome.status == "success" and reason == "timeout":
             return outcome  # it finished in the grace period after all

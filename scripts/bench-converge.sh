@@ -11,8 +11,8 @@ trap 'rm -rf "$log"' EXIT
 
 echo "== fresh simulated hosts (molecule destroy, create, prepare)"
 molecule destroy -s default >/dev/null 2>&1 || true
-molecule create -s default >/dev/null
-molecule prepare -s default --force >/dev/null
+molecule create -s default >/dev/null 2>&1
+molecule prepare -s default --force >/dev/null 2>&1
 
 converge() {
   local out="$1" start end

@@ -73,6 +73,7 @@ def comfyui(
         server = comfy_server(comfyui_kind, tmp_path_factory.mktemp(f"comfy-{comfyui_kind}"))
         server.start()
         _comfy_servers[comfyui_kind] = server
+    server.reset()  # nothing left queued or running by an earlier test
     return server
 
 

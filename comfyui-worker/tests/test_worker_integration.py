@@ -382,7 +382,7 @@ def test_short_vram_puts_job_back_with_original_score(
 
 def test_redis_down_at_start_then_up(worker_env, start_worker, tmp_path, comfyui):
     port = free_port()
-    worker_env.update(REDIS_PORT=str(port), REDIS_PASSWORD="s3cret-pw")
+    worker_env.update(REDIS_PORT=str(port), REDIS_PASSWORD="s3cret-pw", LOG_LEVEL="DEBUG")
     worker = start_worker(worker_env)
     time.sleep(2.5)  # several retries
     log = worker.log()
@@ -397,6 +397,8 @@ def test_redis_down_at_start_then_up(worker_env, start_worker, tmp_path, comfyui
         except AssertionError as exc:
             with urllib.request.urlopen(f"{comfyui.url}/queue") as resp:
                 queue = resp.read().decode()[:2000]
+            with urllib.request.urlopen(f"{comfyui.url}/history") as resp:
+                queue += f"\nhistory: {list(json.load(resp))}"
             raise AssertionError(
                 f"{exc}\nworker log:\n{worker.log()}\nComfyUI queue: {queue}"
             ) from None

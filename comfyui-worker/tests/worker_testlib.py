@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -191,6 +192,26 @@ class ComfyServer:
             return False
 
         wait_for(up, timeout, f"{self.kind} ComfyUI to listen", step=0.05)
+
+    def reset(self, timeout: float = 10) -> None:
+        """Clear ComfyUI's queue and interrupt what runs, then wait until it is idle."""
+
+        def post(path: str, body: dict[str, Any]) -> None:
+            req = urllib.request.Request(
+                self.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
+            )
+            urllib.request.urlopen(req, timeout=5).close()
+
+        def idle() -> bool:
+            with urllib.request.urlopen(self.url + "/queue", timeout=5) as resp:
+                queue = json.load(resp)
+            if queue["queue_running"] or queue["queue_pending"]:
+                post("/interrupt", {})
+                return False
+            return True
+
+        post("/queue", {"clear": True})
+        wait_for(idle, timeout, f"{self.kind} ComfyUI to be idle", step=0.1)
 
     def log_tail(self, lines: int = 30) -> str:
         with contextlib.suppress(OSError):

@@ -7,6 +7,7 @@ against the same hosts through the repository's local inventory.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -50,6 +51,14 @@ def run_playbook(playbook: str | Path, *args: str, timeout: int = 900) -> Playbo
         check=False,
     )
     return PlaybookRun(proc.returncode, proc.stdout + proc.stderr)
+
+
+ROLE_PLAYBOOK = REPO / "molecule" / "default" / "tests" / "playbooks" / "role.yml"
+
+
+def apply_role(role: str, **variables: object) -> PlaybookRun:
+    """Apply one role to the simulated GPU host with these variables (typed, as JSON)."""
+    return run_playbook(ROLE_PLAYBOOK, "-e", json.dumps({"test_role": role, **variables}))
 
 
 RECAP_LINE = re.compile(r"^(?P<host>\S+)\s*:\s*(?P<counts>ok=\d+.*)$")

@@ -8,9 +8,7 @@ import re
 
 import pytest
 import yaml
-from conftest import REPO, recap, run_playbook
-
-ROLE_PLAYBOOK = REPO / "molecule" / "default" / "tests" / "playbooks" / "role.yml"
+from conftest import REPO, apply_role, recap, run_playbook
 
 
 def test_check_diff_on_the_converged_hosts_reports_nothing():
@@ -24,16 +22,11 @@ def test_check_diff_on_the_converged_hosts_reports_nothing():
 
 
 def test_prefilled_scratch_device_is_mounted_and_keeps_its_files(gpu_host):
-    run = run_playbook(
-        ROLE_PLAYBOOK,
-        "-e",
-        "test_role=storage",
-        "-e",
-        '{"storage_sfs_enabled": false}',
-        "-e",
-        "storage_scratch_device=/dev/vdc",
-        "-e",
-        "storage_scratch_mount_point=/mnt/prefilled",
+    run = apply_role(
+        "storage",
+        storage_sfs_enabled=False,
+        storage_scratch_device="/dev/vdc",
+        storage_scratch_mount_point="/mnt/prefilled",
     )
     assert run.rc == 0, run.output[-3000:]
     assert gpu_host.mount_point("/mnt/prefilled").exists
@@ -48,16 +41,11 @@ def test_prefilled_scratch_device_is_mounted_and_keeps_its_files(gpu_host):
 def test_device_with_a_foreign_signature_is_refused_untouched(gpu_host):
     """prepare put a swap signature on /dev/vdd: the play stops, nothing is formatted."""
     before = gpu_host.check_output("sha256sum /dev/vdd")
-    run = run_playbook(
-        ROLE_PLAYBOOK,
-        "-e",
-        "test_role=storage",
-        "-e",
-        '{"storage_sfs_enabled": false}',
-        "-e",
-        "storage_scratch_device=/dev/vdd",
-        "-e",
-        "storage_scratch_mount_point=/mnt/refused",
+    run = apply_role(
+        "storage",
+        storage_sfs_enabled=False,
+        storage_scratch_device="/dev/vdd",
+        storage_scratch_mount_point="/mnt/refused",
     )
     assert run.rc != 0
     assert "Nothing was formatted" in run.output
@@ -71,7 +59,7 @@ def test_real_directory_where_a_link_goes_stops_the_play_and_is_kept(gpu_host):
     gpu_host.check_output(
         f"mkdir -p {project}/data/outputs/bob && echo precious > {project}/data/outputs/bob/out.png"
     )
-    run = run_playbook(ROLE_PLAYBOOK, "-e", "test_role=project", "-e", f"project_dir={project}")
+    run = apply_role("project", project_dir=project)
     assert run.rc != 0
     assert f"{project}/data/outputs is a real directory holding" in run.output
     assert gpu_host.file(f"{project}/data/outputs").is_directory
@@ -84,15 +72,16 @@ def test_real_directory_where_a_link_goes_stops_the_play_and_is_kept(gpu_host):
 @pytest.mark.parametrize(
     ("extra", "variable", "expected"),
     [
-        ('{"storage_sfs_nconnect": "many"}', "storage_sfs_nconnect", "int"),
-        ('{"storage_scratch_fstype": "ntfs"}', "storage_scratch_fstype", "ext4, xfs"),
-        ('{"firewall_default_incoming": "allow"}', "firewall_default_incoming", "deny, reject"),
-        ('{"project_data_links": ["models"]}', "project_data_links", "dict"),
+        ({"storage_sfs_nconnect": "many"}, "storage_sfs_nconnect", "int"),
+        ({"storage_scratch_fstype": "ntfs"}, "storage_scratch_fstype", "ext4, xfs"),
+        ({"firewall_default_incoming": "allow"}, "firewall_default_incoming", "deny, reject"),
+        ({"project_data_links": ["models"]}, "project_data_links", "dict"),
+        ({"worker_queue_mode": "lifo"}, "worker_queue_mode", "fifo, priority, round_robin"),
     ],
 )
 def test_bad_input_fails_at_role_entry_naming_the_variable(extra, variable, expected):
     role = variable.split("_", 1)[0]
-    run = run_playbook(ROLE_PLAYBOOK, "-e", f"test_role={role}", "-e", extra)
+    run = apply_role(role, **extra)
     assert run.rc != 0
     assert "Validating arguments against arg spec" in run.output
     assert variable in run.output
@@ -100,22 +89,14 @@ def test_bad_input_fails_at_role_entry_naming_the_variable(extra, variable, expe
 
 
 def test_unreachable_optional_sfs_share_warns_and_the_play_goes_on(gpu_host):
-    run = run_playbook(
-        ROLE_PLAYBOOK,
-        "-e",
-        "test_role=storage",
-        "-e",
-        '{"storage_scratch_enabled": false}',
-        "-e",
-        "storage_sfs_fstype=nfs",
-        "-e",
-        "storage_sfs_nconnect=16",
-        "-e",
-        '{"storage_sfs_extra_options": []}',
-        "-e",
-        "storage_sfs_src=127.0.0.1:/SFS-missing",
-        "-e",
-        "storage_sfs_mount_point=/mnt/sfs-missing",
+    run = apply_role(
+        "storage",
+        storage_scratch_enabled=False,
+        storage_sfs_fstype="nfs",
+        storage_sfs_nconnect=16,
+        storage_sfs_extra_options=[],
+        storage_sfs_src="127.0.0.1:/SFS-missing",
+        storage_sfs_mount_point="/mnt/sfs-missing",
     )
     assert run.rc == 0, run.output[-3000:]
     assert "WARNING: the SFS share 127.0.0.1:/SFS-missing is not mounted" in run.output
@@ -125,22 +106,14 @@ def test_unreachable_optional_sfs_share_warns_and_the_play_goes_on(gpu_host):
 
 
 def test_unreachable_required_sfs_share_fails_with_a_clear_message():
-    run = run_playbook(
-        ROLE_PLAYBOOK,
-        "-e",
-        "test_role=storage",
-        "-e",
-        '{"storage_scratch_enabled": false}',
-        "-e",
-        "storage_sfs_fstype=nfs",
-        "-e",
-        '{"storage_sfs_required": true}',
-        "-e",
-        '{"storage_sfs_extra_options": []}',
-        "-e",
-        "storage_sfs_src=127.0.0.1:/SFS-missing",
-        "-e",
-        "storage_sfs_mount_point=/mnt/sfs-missing",
+    run = apply_role(
+        "storage",
+        storage_scratch_enabled=False,
+        storage_sfs_fstype="nfs",
+        storage_sfs_required=True,
+        storage_sfs_extra_options=[],
+        storage_sfs_src="127.0.0.1:/SFS-missing",
+        storage_sfs_mount_point="/mnt/sfs-missing",
     )
     assert run.rc != 0
     assert "The SFS share 127.0.0.1:/SFS-missing is unreachable" in run.output
