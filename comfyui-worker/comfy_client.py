@@ -253,13 +253,10 @@ class ComfyClient:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(watch.signal.wait(), self.poll_interval)
             watch.signal.clear()
-            log.debug("DBG polling history of %s (finished=%s)", prompt_id, watch.finished)
             try:
                 entry = await self.history(prompt_id)
-            except ComfyUnavailable as exc:
-                log.debug("DBG history poll failed: %r", exc)
+            except ComfyUnavailable:
                 continue
-            log.debug("DBG history entry present: %s", entry is not None)
             if entry is not None:
                 self.forget(prompt_id)
                 return parse_outcome(entry)

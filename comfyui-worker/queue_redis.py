@@ -100,6 +100,7 @@ class RedisJobSource:
         self._wake = asyncio.Event()
         self._cancel_hint = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
+        self._closing = False
         self._rr_users: dict[str, str | None] = {}
         self.current_job_id: str | None = None
 
@@ -109,15 +110,20 @@ class RedisJobSource:
         self._listener = asyncio.create_task(self._listen(), name="redis-listener")
 
     async def close(self) -> None:
+        """Stop the listener between reads (never mid-command), then close the pool."""
+        self._closing = True
         if self._listener:
-            self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
-        await self.redis.aclose()
+            await asyncio.wait({self._listener}, timeout=3)
+            if not self._listener.done():
+                self._listener.cancel()
+                await asyncio.wait({self._listener}, timeout=2)
+        with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
+            await asyncio.wait_for(self.redis.aclose(), 5)
 
     async def _listen(self) -> None:
         """Subscribe to queue:updates; reconnects with capped backoff, logging state changes."""
         delay = 0.5
-        while True:
+        while not self._closing:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(UPDATES)
@@ -125,13 +131,13 @@ class RedisJobSource:
                 delay = 0.5
                 # A job may have arrived while we were not listening.
                 self._wake.set()
-                while True:
-                    msg = await pubsub.get_message(timeout=30.0)
+                # Short reads, so close() can stop the loop between them instead of
+                # cancelling a read in flight.
+                while not self._closing:
+                    msg = await pubsub.get_message(timeout=0.2)
                     if msg is not None:
                         self._on_event(msg.get("data"))
-            except asyncio.CancelledError:
-                await asyncio.shield(self._close_pubsub(pubsub))
-                raise
+                await self._close_pubsub(pubsub)
             except (RedisError, OSError) as exc:
                 self.states.set("redis events", "down", str(exc) or type(exc).__name__, 30)
                 await self._close_pubsub(pubsub)
@@ -140,8 +146,8 @@ class RedisJobSource:
 
     @staticmethod
     async def _close_pubsub(pubsub: Any) -> None:
-        with contextlib.suppress(Exception):
-            await pubsub.aclose()
+        with contextlib.suppress(Exception):  # closing a broken connection may fail any way
+            await asyncio.wait_for(pubsub.aclose(), 5)
 
     def _on_event(self, data: Any) -> None:
         try:
@@ -168,8 +174,11 @@ class RedisJobSource:
     # -- reading ---------------------------------------------------------------------------
 
     async def _call(self, coro: Any) -> Any:
+        """Run one Redis call, shielded: a caller being cancelled (a watcher at the end of a
+        job, a loop at shutdown) must not cancel redis-py mid-command, which can leave a pooled
+        connection with an unread reply."""
         try:
-            result = await coro
+            result = await _shielded(coro)
         except (RedisError, OSError) as exc:
             self.states.set("redis", "down", str(exc) or type(exc).__name__, logging.WARNING)
             raise SourceUnavailable(f"redis: {exc}") from exc
@@ -372,10 +381,17 @@ class RedisJobSource:
     async def heartbeat(self, status: dict[str, Any]) -> None:
         ttl = self.cfg.heartbeat_ttl
         wid = self.cfg.worker_id
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(f"worker:{wid}:heartbeat", utc_now_iso(), ex=ttl)
-            pipe.set(f"worker:{wid}:status", json.dumps(status), ex=ttl)
-            await self._call(pipe.execute())
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(f"worker:{wid}:heartbeat", utc_now_iso(), ex=ttl)
+        pipe.set(f"worker:{wid}:status", json.dumps(status), ex=ttl)
+        await self._call(pipe.execute())
+
+
+async def _shielded(coro: Any) -> Any:
+    task = asyncio.ensure_future(coro)
+    # If the caller goes away, the command still finishes; its outcome is consumed here.
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return await asyncio.shield(task)
 
 
 def is_user(value: Any) -> bool:

@@ -128,7 +128,7 @@ class Worker:
             await self._final_heartbeat()
             for task in helpers:
                 task.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            await asyncio.wait(helpers, timeout=5)
             await self.comfy.close()
             await self.source.close()
             if self.comfy_process:
@@ -461,7 +461,7 @@ class Worker:
         finally:
             cancel.cancel()
             stop.cancel()
-            await asyncio.gather(cancel, stop, return_exceptions=True)
+            await asyncio.wait({cancel, stop}, timeout=2)
         return await self._stop_prompt(job, run, reason)
 
     async def _watch_cancel(self, job: ClaimedJob) -> None:

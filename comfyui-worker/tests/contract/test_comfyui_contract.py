@@ -437,6 +437,14 @@ def test_running_and_pending_prompts_are_visible(comfy, api):
         slow = with_test_node(unique_prefix(), "StandInSleep", {"seconds": 3.0, "steps": 30})
         quick = image_to_file(unique_prefix())
         async with aiohttp.ClientSession() as session:
+            # The server is shared with earlier tests: start from an idle queue, so the
+            # slow prompt is the one running and the quick one the only one pending.
+            for _ in range(300):
+                async with session.get(f"{comfy.url}/queue") as r:
+                    idle = await r.json()
+                if not idle["queue_running"] and not idle["queue_pending"]:
+                    break
+                await asyncio.sleep(0.1)
             async with session.post(f"{comfy.url}/prompt", json={"prompt": slow}) as r:
                 slow_id = (await r.json())["prompt_id"]
             async with session.post(f"{comfy.url}/prompt", json={"prompt": quick}) as r:
