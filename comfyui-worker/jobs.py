@@ -45,6 +45,35 @@ def pending_score(doc: dict[str, Any]) -> float:
     return priority * 1_000_000 + created
 
 
+def new_job_record(
+    job_id: str,
+    user_id: Any,
+    workflow: Any,
+    priority: int = 2,
+    created_at: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A pending job in the contract's shape (CONTRACTS.md §1), as the queue-manager stores it.
+
+    The one definition of that shape here: the worker uses it for records it must rebuild, the
+    demo script, the tests and the benchmark use it to queue jobs as the platform does.
+    """
+    return {
+        "id": job_id,
+        "user_id": user_id,
+        "workflow": workflow,
+        "status": "pending",
+        "priority": priority,
+        "created_at": created_at,
+        "started_at": None,
+        "completed_at": None,
+        "worker_id": None,
+        "result": None,
+        "error": None,
+        "metadata": metadata or {},
+    }
+
+
 def is_safe_segment(value: Any) -> bool:
     """True for ids usable as one directory name: never '..', '/', empty, NUL or absolute."""
     return isinstance(value, str) and bool(SAFE_SEGMENT_RE.match(value))

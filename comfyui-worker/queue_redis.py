@@ -20,7 +20,14 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from config import Config
-from jobs import ClaimedJob, SourceUnavailable, clip_error, pending_score, utc_now_iso
+from jobs import (
+    ClaimedJob,
+    SourceUnavailable,
+    clip_error,
+    new_job_record,
+    pending_score,
+    utc_now_iso,
+)
 from logs import StateLog
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -411,20 +418,7 @@ def _parse(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
 
 def _salvage(job_id: str) -> dict[str, Any]:
     """A contract-shaped record for a job whose stored JSON could not be read."""
-    return {
-        "id": job_id,
-        "user_id": "",
-        "workflow": None,
-        "status": "pending",
-        "priority": 2,
-        "created_at": None,
-        "started_at": None,
-        "completed_at": None,
-        "worker_id": None,
-        "result": None,
-        "error": None,
-        "metadata": {},
-    }
+    return new_job_record(job_id, "", None)
 
 
 def _user_of(raw: bytes | None) -> str | None:

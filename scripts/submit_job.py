@@ -24,25 +24,16 @@ from typing import Any
 
 import redis
 
+# The contract's job record has one definition, in the worker's jobs.py.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "comfyui-worker"))
+from jobs import new_job_record
+
 
 def enqueue(client: redis.Redis, workflow: dict[str, Any], user_id: str, priority: int = 2) -> str:
     """Store the job, queue it by the contract's score, and announce it (CONTRACTS §1)."""
     job_id = str(uuid.uuid4())
     created = datetime.now(timezone.utc)
-    doc = {
-        "id": job_id,
-        "user_id": user_id,
-        "workflow": workflow,
-        "status": "pending",
-        "priority": priority,
-        "created_at": created.isoformat(),
-        "started_at": None,
-        "completed_at": None,
-        "worker_id": None,
-        "result": None,
-        "error": None,
-        "metadata": {},
-    }
+    doc = new_job_record(job_id, user_id, workflow, priority, created.isoformat())
     pipe = client.pipeline()
     pipe.set(f"job:{job_id}", json.dumps(doc))
     pipe.zadd("queue:pending", {job_id: priority * 1_000_000 + created.timestamp()})

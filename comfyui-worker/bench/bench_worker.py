@@ -36,6 +36,8 @@ HERE = Path(__file__).resolve().parent
 WORKER_DIR = HERE.parent
 STANDIN = WORKER_DIR / "tests" / "comfyui_standin" / "main.py"
 PY = sys.executable
+sys.path.insert(0, str(WORKER_DIR))
+from jobs import new_job_record  # noqa: E402  (the worker's module, found through WORKER_DIR)
 
 
 def free_port() -> int:
@@ -161,20 +163,7 @@ class Rig:
     def submit(self, wf: dict, publish: bool = True) -> tuple[str, float]:
         job_id = str(uuid.uuid4())
         now = datetime.now(timezone.utc)
-        doc = {
-            "id": job_id,
-            "user_id": "bench",
-            "workflow": wf,
-            "status": "pending",
-            "priority": 2,
-            "created_at": now.isoformat(),
-            "started_at": None,
-            "completed_at": None,
-            "worker_id": None,
-            "result": None,
-            "error": None,
-            "metadata": {},
-        }
+        doc = new_job_record(job_id, "bench", wf, 2, now.isoformat())
         t0 = time.perf_counter()
         pipe = self.r.pipeline(transaction=False)
         pipe.set(f"job:{job_id}", json.dumps(doc))

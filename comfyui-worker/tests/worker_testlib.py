@@ -40,6 +40,8 @@ PYTHON = sys.executable
 if str(WORKER_DIR) not in sys.path:
     sys.path.insert(0, str(WORKER_DIR))
 
+from jobs import new_job_record  # noqa: E402  (the worker's folder is on sys.path now)
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -310,20 +312,14 @@ def submit(
     """Queue a job exactly as the queue-manager does (key, pending score, user set, event)."""
     job_id = job_id or str(uuid.uuid4())
     created = created_at or datetime.now(timezone.utc)
-    doc = {
-        "id": job_id,
-        "user_id": user_id,
-        "workflow": image_workflow() if workflow is None else workflow,
-        "status": "pending",
-        "priority": priority,
-        "created_at": created.isoformat(),
-        "started_at": None,
-        "completed_at": None,
-        "worker_id": None,
-        "result": None,
-        "error": None,
-        "metadata": metadata or {},
-    }
+    doc = new_job_record(
+        job_id,
+        user_id,
+        image_workflow() if workflow is None else workflow,
+        priority,
+        created.isoformat(),
+        metadata,
+    )
     client.set(f"job:{job_id}", raw if raw is not None else json.dumps(doc))
     client.zadd("queue:pending", {job_id: priority * 1_000_000 + created.timestamp()})
     if isinstance(user_id, str) and user_id:
