@@ -55,3 +55,19 @@ def test_secrets_are_marked_no_log(role):
     for name, option in spec_options(role).items():
         if re.search(r"(password|authkey|secret|token)$", name):
             assert option.get("no_log") is True, f"{role.name}: {name} must be no_log"
+
+
+def test_requirements_pin_the_collections_the_ansible_package_bundles():
+    """requirements.yml must name the versions the venv actually runs."""
+    import ansible_collections
+
+    root = Path(ansible_collections.__path__[0])
+    repo = Path(__file__).resolve().parents[1]
+    wanted = yaml.safe_load((repo / "requirements.yml").read_text())["collections"]
+    for item in wanted:
+        namespace, name = item["name"].split(".")
+        manifest = (root / namespace / name / "MANIFEST.json").read_text()
+        bundled = re.search(r'"version":\s*"([^"]+)"', manifest)[1]
+        assert item["version"] == bundled, (
+            f"{item['name']}: pinned {item['version']}, bundled {bundled}"
+        )

@@ -83,3 +83,11 @@ def test_second_converge_leaves_the_workers_untouched(gpu_host):
     assert run.rc == 0, run.output[-3000:]
     after = {n: inspect(gpu_host, n)["Id"] for n in ("worker-1", "worker-2")}
     assert after == before
+
+
+def test_manual_compose_start_uses_the_plays_configuration(gpu_host):
+    """The old manual start keeps working and matches the play: nothing is recreated."""
+    before = inspect(gpu_host, "worker-1")["Id"]
+    out = gpu_host.run("cd /home/dev/comfyume/comfyui-worker && sudo docker compose up -d worker-1")
+    assert out.rc == 0, out.stderr
+    assert inspect(gpu_host, "worker-1")["Id"] == before
