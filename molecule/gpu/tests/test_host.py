@@ -1,0 +1,99 @@
+"""What site.yml leaves on a real GPU host, checked from the outside: the same state the
+default scenario asserts on the simulated host, minus what only exists there (loop
+devices, the bind-mounted share, the sentinel). Runs in every gpu-scenario verify; the
+GPU-specific checks live in test_gpu.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+WORKER_ENV_TIMEOUTS = (
+    "COMFYUI_TIMEOUT",
+    "WORKER_JOB_TIMEOUT",
+    "JOB_TIMEOUT",
+    "QUEUE_MANAGER_TIMEOUT",
+    "HEARTBEAT_TTL",
+    "HEARTBEAT_INTERVAL",
+)
+
+
+def fstab(host) -> dict[str, list[str]]:
+    """fstab entries by mount point."""
+    entries = {}
+    for line in host.file("/etc/fstab").content_string.splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and not fields[0].startswith("#"):
+            entries[fields[1]] = fields
+    return entries
+
+
+def test_scratch_is_mounted_by_uuid(host):
+    mount = host.mount_point("/mnt/scratch")
+    assert mount.exists
+    src, _, fstype, opts = fstab(host)["/mnt/scratch"][:4]
+    assert src.startswith("UUID=")
+    assert host.check_output("findmnt -n -o UUID /mnt/scratch") == src.removeprefix("UUID=")
+    assert fstype == mount.filesystem
+    assert "nofail" in opts.split(",")
+    for name in ("outputs", "inputs", "temp"):
+        assert host.file(f"/mnt/scratch/{name}").user == "dev"
+
+
+def test_sfs_share_is_in_fstab_with_netdev_and_nofail(host):
+    src, _, fstype, opts = fstab(host)["/mnt/sfs"][:4]
+    assert fstype.startswith("nfs")
+    assert {"_netdev", "nofail"} <= set(opts.split(","))
+    if not host.mount_point("/mnt/sfs").exists:
+        pytest.skip(f"SFS share {src} is not mounted (storage_sfs_required is false)")
+
+
+@pytest.mark.parametrize(
+    ("name", "target"),
+    [
+        ("models", "/mnt/sfs/models"),
+        ("outputs", "/mnt/scratch/outputs"),
+        ("inputs", "/mnt/scratch/inputs"),
+    ],
+)
+def test_data_links(host, name, target):
+    link = host.file(f"/home/dev/comfyume/data/{name}")
+    assert link.is_symlink
+    assert host.check_output(f"readlink {link.path}") == target
+
+
+def test_dev_is_in_the_docker_group(host):
+    assert "docker" in host.user("dev").groups
+
+
+def test_docker_and_compose_answer(host):
+    assert host.service("docker").is_running
+    assert host.run("docker compose version --short").rc == 0
+
+
+def test_firewall_admits_only_ssh_and_tailscale(host):
+    status = host.check_output("ufw status")
+    assert "Status: active" in status
+    allowed = {line.split()[0] for line in status.splitlines() if "ALLOW" in line}
+    assert allowed == {"22/tcp", "41641/udp"}
+    assert host.service("fail2ban").is_running
+
+
+def test_tailscale_is_online(host):
+    status = json.loads(host.check_output("tailscale status --json"))
+    assert status["BackendState"] == "Running"
+
+
+def test_workers_are_healthy_with_the_configured_timeouts(host):
+    names = host.check_output(
+        "docker ps --filter label=com.docker.compose.project=comfyui-worker --format '{{.Names}}'"
+    ).split()
+    assert names, "no worker containers"
+    for name in names:
+        info = json.loads(host.check_output(f"docker inspect {name}"))[0]
+        assert info["State"]["Health"]["Status"] == "healthy", name
+        env = dict(item.split("=", 1) for item in info["Config"]["Env"])
+        assert env["WORKER_ID"].endswith(name)
+        for key in WORKER_ENV_TIMEOUTS:
+            assert env[key].isdigit(), f"{name}: {key}={env.get(key)}"
