@@ -591,13 +591,18 @@ class CheckpointLoaderSimple(Node):
 # ---- test-only nodes ------------------------------------------------------------------------
 
 
-class StandInSleep(Node):
-    """Sleeps ``seconds`` in ``steps`` steps, reporting progress; honours interrupt per step."""
+class StandInTestNode(Node):
+    """What every test-only node shares: its category, and an IMAGE passed through so it
+    chains between EmptyImage and SaveImage; it always runs (never cached)."""
 
     category = "standin/testing"
     python_module = "standin"
     return_types = ("IMAGE",)
     always_run = True
+
+
+class StandInSleep(StandInTestNode):
+    """Sleeps ``seconds`` in ``steps`` steps, reporting progress; honours interrupt per step."""
 
     def input_types(self, folders):
         return {
@@ -615,13 +620,8 @@ class StandInSleep(Node):
         return {"result": (images or ImageBatch(8, 8, 1, 0),)}
 
 
-class StandInSlowInterrupt(Node):
+class StandInSlowInterrupt(StandInTestNode):
     """Ignores interrupts for ``seconds`` (like a long CUDA kernel), then checks once."""
-
-    category = "standin/testing"
-    python_module = "standin"
-    return_types = ("IMAGE",)
-    always_run = True
 
     def input_types(self, folders):
         return {
@@ -635,13 +635,9 @@ class StandInSlowInterrupt(Node):
         return {"result": (images or ImageBatch(8, 8, 1, 0),)}
 
 
-class StandInRaise(Node):
+class StandInRaise(StandInTestNode):
     """Raises an exception (default RuntimeError) with ``message``."""
 
-    category = "standin/testing"
-    python_module = "standin"
-    return_types = ("IMAGE",)
-    always_run = True
     exceptions: ClassVar[dict[str, type[Exception]]] = {
         "RuntimeError": RuntimeError,
         "ValueError": ValueError,
@@ -662,13 +658,8 @@ class StandInRaise(Node):
         raise self.exceptions[exception](message)
 
 
-class StandInOutOfMemory(Node):
+class StandInOutOfMemory(StandInTestNode):
     """Raises a CUDA out-of-memory error shaped like torch's (``torch.OutOfMemoryError``)."""
-
-    category = "standin/testing"
-    python_module = "standin"
-    return_types = ("IMAGE",)
-    always_run = True
 
     def input_types(self, folders):
         return {
@@ -690,13 +681,8 @@ class StandInOutOfMemory(Node):
         )
 
 
-class StandInHang(Node):
+class StandInHang(StandInTestNode):
     """Never finishes and ignores interrupts: only killing the process ends it."""
-
-    category = "standin/testing"
-    python_module = "standin"
-    return_types = ("IMAGE",)
-    always_run = True
 
     def input_types(self, folders):
         return {"required": {}, "optional": {"images": ("IMAGE",)}}
@@ -706,17 +692,12 @@ class StandInHang(Node):
             time.sleep(3600)
 
 
-class StandInDropWebSockets(Node):
+class StandInDropWebSockets(StandInTestNode):
     """Closes every open websocket, refuses new ones for ``refuse_seconds``, then continues.
 
     Clients lose the events of this prompt that are sent meanwhile and must fall back on polling
     /history. ``seconds`` of work follow the drop, so the prompt finishes while they are away.
     """
-
-    category = "standin/testing"
-    python_module = "standin"
-    return_types = ("IMAGE",)
-    always_run = True
 
     def input_types(self, folders):
         return {
