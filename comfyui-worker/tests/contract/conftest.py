@@ -27,26 +27,13 @@ from typing import Any
 import aiohttp
 import pytest
 
+# Shared with the worker's tests (tests/ is on sys.path through its conftest).
+from worker_testlib import free_port, real_comfyui
+
 HERE = Path(__file__).resolve().parent
 STANDIN_MAIN = HERE.parent / "comfyui_standin" / "main.py"
 REAL_TEST_NODES = HERE / "real_comfyui_nodes" / "standin_test_nodes.py"
 PRESENT_CHECKPOINT = "present.safetensors"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def real_comfyui() -> tuple[Path, str] | None:
-    source = os.environ.get("COMFYUI_SOURCE")
-    if not source or not (Path(source) / "main.py").is_file():
-        return None
-    python = os.environ.get("COMFYUI_PYTHON") or str(Path(source) / ".venv" / "bin" / "python")
-    if not os.access(python, os.X_OK):
-        return None
-    return Path(source), python
 
 
 @dataclass
