@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import testinfra
+import yaml
 
 REPO = Path(__file__).resolve().parents[3]
 # scripts/submit_job.py queues jobs the way the platform does; the tests use it too.
@@ -51,6 +52,17 @@ def run_playbook(playbook: str | Path, *args: str, timeout: int = 900) -> Playbo
         check=False,
     )
     return PlaybookRun(proc.returncode, proc.stdout + proc.stderr)
+
+
+# The one set of timeouts (group_vars), as the tests expect to find them deployed.
+TIMEOUTS = yaml.safe_load(
+    (REPO / "inventories/production/group_vars/all/timeouts.yml").read_text()
+)["comfyume_timeouts"]
+
+
+def inspect(host, name: str) -> dict:
+    """`docker inspect` of one container on a simulated host."""
+    return json.loads(host.check_output(f"docker inspect {name}"))[0]
 
 
 ROLE_PLAYBOOK = REPO / "molecule" / "default" / "tests" / "playbooks" / "role.yml"

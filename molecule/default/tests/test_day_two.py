@@ -8,7 +8,7 @@ import json
 import time
 
 import submit_job
-from conftest import REPO, run_playbook
+from conftest import REPO, inspect, run_playbook
 
 REPORT = REPO / ".artifacts" / "verify-report.json"
 
@@ -42,10 +42,7 @@ def test_verify_reports_healthy_workers():
 
 
 def test_rolling_restart_loses_no_job(gpu_host, redis_client):
-    ids_before = {
-        n: gpu_host.check_output(f"docker inspect -f '{{{{.State.StartedAt}}}}' {n}")
-        for n in ("worker-1", "worker-2")
-    }
+    ids_before = {n: inspect(gpu_host, n)["State"]["StartedAt"] for n in ("worker-1", "worker-2")}
     jobs = [submit_job.enqueue(redis_client, sleep_workflow(4), "drain-user") for _ in range(3)]
     # Wait until the workers hold jobs, so the restart has something to drain.
     deadline = time.monotonic() + 30
@@ -56,7 +53,7 @@ def test_rolling_restart_loses_no_job(gpu_host, redis_client):
     docs = [submit_job.wait(redis_client, job_id, timeout=120) for job_id in jobs]
     assert [d["status"] for d in docs] == ["completed"] * 3, docs
     for name, started in ids_before.items():
-        info = json.loads(gpu_host.check_output(f"docker inspect {name}"))[0]
+        info = inspect(gpu_host, name)
         assert info["State"]["StartedAt"] != started, f"{name} was not restarted"
         assert info["State"]["Health"]["Status"] == "healthy"
 
@@ -83,5 +80,4 @@ def test_teardown_stops_the_workers_and_keeps_the_data(gpu_host):
     run = run_playbook(REPO / "site.yml", "--tags", "worker")
     assert run.rc == 0, run.output[-3000:]
     for name in ("worker-1", "worker-2"):
-        health = gpu_host.check_output(f"docker inspect -f '{{{{.State.Health.Status}}}}' {name}")
-        assert health == "healthy"
+        assert inspect(gpu_host, name)["State"]["Health"]["Status"] == "healthy"

@@ -7,8 +7,7 @@ import json
 import re
 
 import pytest
-import yaml
-from conftest import REPO, apply_role, recap, run_playbook
+from conftest import REPO, TIMEOUTS, apply_role, recap, run_playbook
 
 
 def test_check_diff_on_the_converged_hosts_reports_nothing():
@@ -121,10 +120,7 @@ def test_unreachable_required_sfs_share_fails_with_a_clear_message():
 
 
 def test_inconsistent_timeouts_fail_before_anything_changes():
-    timeouts = yaml.safe_load(
-        (REPO / "inventories/production/group_vars/all/timeouts.yml").read_text()
-    )["comfyume_timeouts"]
-    broken = {**timeouts, "job": 600, "heartbeat_interval": 90}
+    broken = {**TIMEOUTS, "job": 600, "heartbeat_interval": 90}
     run = run_playbook(REPO / "site.yml", "-e", json.dumps({"comfyume_timeouts": broken}))
     assert run.rc != 0
     assert "worker_timeouts.job (600 s) must be at least worker_timeouts.comfyui_http (900 s)" in (

@@ -7,16 +7,7 @@ import json
 
 import pytest
 import submit_job
-import yaml
-from conftest import REPO, run_playbook
-
-TIMEOUTS = yaml.safe_load(
-    (REPO / "inventories/production/group_vars/all/timeouts.yml").read_text()
-)["comfyume_timeouts"]
-
-
-def inspect(gpu_host, name: str) -> dict:
-    return json.loads(gpu_host.check_output(f"docker inspect {name}"))[0]
+from conftest import REPO, TIMEOUTS, inspect, run_playbook
 
 
 @pytest.mark.parametrize("name", ["worker-1", "worker-2"])
