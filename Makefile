@@ -32,6 +32,7 @@ unit:
 molecule:
 	$(BIN)/molecule test -s default
 	$(BIN)/molecule test -s tailscale
+	$(BIN)/molecule test -s ubuntu
 
 bench: bootstrap
 	scripts/bench-converge.sh
