@@ -76,6 +76,24 @@ def test_second_converge_leaves_the_workers_untouched(gpu_host):
     assert after == before
 
 
+def test_images_of_earlier_build_contexts_are_removed_once_workers_are_healthy(gpu_host):
+    """Each build context gets its own tag; the ones the workers no longer run go."""
+    image = inspect(gpu_host, "worker-1")["Config"]["Image"]
+    name, current = image.split(":")
+    for old in ("0000000000000001", "0000000000000002"):
+        gpu_host.check_output(f"docker tag {image} {name}:{old}")
+    run = run_playbook(REPO / "site.yml", "--tags", "worker", "-e", "worker_keep_old_images=1")
+    assert run.rc == 0, run.output[-3000:]
+    tags = gpu_host.check_output(f"docker image ls --format '{{{{.Tag}}}}' {name}").split()
+    assert current in tags and len(tags) == 2, tags
+    run = run_playbook(REPO / "site.yml", "--tags", "worker", "-e", "worker_keep_old_images=0")
+    assert run.rc == 0, run.output[-3000:]
+    assert gpu_host.check_output(f"docker image ls --format '{{{{.Tag}}}}' {name}").split() == [
+        current
+    ]
+    assert inspect(gpu_host, "worker-1")["State"]["Health"]["Status"] == "healthy"
+
+
 def test_manual_compose_start_uses_the_plays_configuration(gpu_host):
     """The old manual start keeps working and matches the play: nothing is recreated."""
     before = inspect(gpu_host, "worker-1")["Id"]
