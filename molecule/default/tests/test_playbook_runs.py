@@ -68,6 +68,21 @@ def test_real_directory_where_a_link_goes_stops_the_play_and_is_kept(gpu_host):
     assert gpu_host.run(f"find {project}/data/outputs -type l").stdout == ""
 
 
+def test_file_where_a_link_goes_stops_the_play_when_data_is_itself_a_link(gpu_host):
+    """data/ may be a link to another disk: what sits inside it is still protected."""
+    project = "/home/dev/safety-linked"
+    gpu_host.check_output(
+        f"mkdir -p {project} /srv/elsewhere-data && ln -sfn /srv/elsewhere-data {project}/data"
+        " && echo precious > /srv/elsewhere-data/models"
+    )
+    run = apply_role("project", project_dir=project)
+    assert run.rc != 0
+    assert f"{project}/data/models is a regular file" in run.output
+    kept = gpu_host.file("/srv/elsewhere-data/models")
+    assert kept.is_file and not kept.is_symlink
+    assert kept.content_string == "precious\n"
+
+
 @pytest.mark.parametrize(
     ("extra", "variable", "expected"),
     [
