@@ -31,11 +31,13 @@ unit:
 
 molecule:
 	$(BIN)/molecule test -s default
+	$(BIN)/molecule test -s fleet
 	$(BIN)/molecule test -s tailscale
 	$(BIN)/molecule test -s ubuntu
 
 bench: bootstrap
 	scripts/bench-converge.sh
+	scripts/bench-image.sh
 	$(BIN)/python comfyui-worker/bench/bench_worker.py
 
 ## clean-sim: remove the simulated hosts (their disks' contents are kept)

@@ -19,7 +19,7 @@ molecule prepare -s default --force >/dev/null 2>&1
 converge() {
   local out="$1" start end
   start=$(date +%s.%N)
-  ansible-playbook -i inventories/local site.yml >"$out" 2>&1 || { tail -40 "$out"; exit 1; }
+  ansible-playbook -i inventories/local/hosts.yml site.yml >"$out" 2>&1 || { tail -40 "$out"; exit 1; }
   end=$(date +%s.%N)
   python3 -c "print(f'{$end - $start:.1f}')"
 }

@@ -71,3 +71,41 @@ def test_requirements_pin_the_collections_the_ansible_package_bundles():
         assert item["version"] == bundled, (
             f"{item['name']}: pinned {item['version']}, bundled {bundled}"
         )
+
+
+def included_task_files(node) -> set[str]:
+    """Stems of the task files that include_tasks/import_tasks or tasks_from name in a YAML tree."""
+    found: set[str] = set()
+    if isinstance(node, list):
+        for item in node:
+            found |= included_task_files(item)
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            short = str(key).rsplit(".", 1)[-1]
+            if short in ("include_tasks", "import_tasks"):
+                target = value.get("file") if isinstance(value, dict) else value
+                if isinstance(target, str):
+                    found.add(Path(target).stem)
+            elif short in ("include_role", "import_role") and isinstance(value, dict):
+                found |= {Path(v).stem for v in [value.get("tasks_from")] if isinstance(v, str)}
+            found |= included_task_files(value)
+    return found
+
+
+def task_references(role: Path) -> set[str]:
+    """Task files of a role named by its own tasks, the playbooks or the scenarios."""
+    repo = role.parents[1]
+    files = [*(role / "tasks").glob("*.yml"), *(repo / "playbooks").rglob("*.yml")]
+    files += [*(repo / "molecule").rglob("*.yml")]
+    named: set[str] = set()
+    for path in files:
+        named |= included_task_files(yaml.safe_load(path.read_text()))
+    return named
+
+
+@pytest.mark.parametrize("role", ROLES, ids=lambda p: p.name)
+def test_every_task_file_is_included_by_some_task(role):
+    """A task file that nothing includes is dead code that looks like it runs."""
+    files = sorted(p.stem for p in (role / "tasks").glob("*.yml") if p.stem != "main")
+    orphans = [name for name in files if name not in task_references(role)]
+    assert not orphans, f"{role.name}: task files that no task includes: {orphans}"

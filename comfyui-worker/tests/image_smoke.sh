@@ -33,7 +33,7 @@ trap cleanup EXIT
 # 1. A build context of its own, so the repository's ComfyUI/ and wheels/ stay untouched.
 ctx="$work/context"
 mkdir -p "$ctx/wheels"
-cp "$here"/Dockerfile "$here"/.dockerignore "$here"/*.py "$here"/requirements.txt \
+cp "$here"/Dockerfile "$here"/.dockerignore "$here"/*.py "$here"/requirements.txt "$here"/comfyui-requirements.lock \
   "$here"/vram_table.json "$here"/extra_model_paths.yaml "$ctx/"
 cp -r "$here/tests/comfyui_standin" "$ctx/ComfyUI"
 rm -rf "$ctx/ComfyUI/temp" "$ctx/ComfyUI/__pycache__"
@@ -46,7 +46,7 @@ reqs=(-r "$here/requirements.txt")
 "$python" -m pip download -q --only-binary=:all: --implementation cp --python-version "$pyver" \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
-  "${reqs[@]}" -d "$ctx/wheels" 2>&1 | { grep -v 'is ignored: it is neither' || true; } >&2
+  -c "$here/comfyui-requirements.lock" "${reqs[@]}" -d "$ctx/wheels" 2>&1 | { grep -v 'is ignored: it is neither' || true; } >&2
 
 say "building $tag on $base_image"
 previous="$(docker image inspect -f '{{.Id}}' "$tag" 2>/dev/null || true)"

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Prepares this machine for the simulated hosts: the local base images, the wheels the
-# worker image is built from offline, and the block devices the simulated Verda host
-# sees as its data disks. Each disk is a sparse file
-# attached to a loop device and published under a stable name,
-# /dev/comfyume-sim-<disk>, that the scenario's platform passes into the container as
-# /dev/<disk>. Idempotent: an attached disk is reused, never wiped here.
+# worker image is built from offline, and the block devices the simulated Verda hosts
+# see as their data disks. Each disk is a sparse file attached to a loop device and
+# published under a stable name, /dev/comfyume-<disk>, that the scenario's platform passes
+# into a container as /dev/vdX. Idempotent: an attached disk is reused, never wiped here.
+#
+#   sim-setup.sh                 the default scenario's disks: sim-vdb sim-vdc sim-vdd
+#   sim-setup.sh DISK...         others, e.g. fleet-1-vdb fleet-2-vdb (molecule/fleet)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 state_dir="${COMFYUME_SIM_STATE:-/var/lib/comfyume-sim}"
@@ -20,7 +22,7 @@ mkdir -p "$state_dir"
 repo="$(cd "$here/../.." && pwd)"
 wheels="$state_dir/wheels"
 reqs=("$repo/comfyui-worker/requirements.txt" "$repo/comfyui-worker/tests/comfyui_standin/requirements.txt")
-want="$(cat "${reqs[@]}" | sha256sum | cut -d' ' -f1)"
+want="$(cat "${reqs[@]}" "$repo/comfyui-worker/comfyui-requirements.lock" | sha256sum | cut -d' ' -f1)"
 if [[ "$(cat "$wheels/.requirements.sha256" 2>/dev/null)" != "$want" ]]; then
   rm -rf "$wheels"
   mkdir -p "$wheels"
@@ -28,14 +30,17 @@ if [[ "$(cat "$wheels/.requirements.sha256" 2>/dev/null)" != "$want" ]]; then
     --python-version 3.13 --implementation cp --abi cp313 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform manylinux_2_28_x86_64 --platform any \
-    -d "$wheels" $(printf -- '-r %s ' "${reqs[@]}")
+    -c "$repo/comfyui-worker/comfyui-requirements.lock" -d "$wheels" $(printf -- '-r %s ' "${reqs[@]}")
   echo "$want" > "$wheels/.requirements.sha256"
   printf '[sim-setup] wheels for the worker image in %s\n' "$wheels" >&2
 fi
 
-for disk in vdb vdc vdd; do
-  img="$state_dir/$disk.img"
-  link="/dev/comfyume-sim-$disk"
+disks=("$@")
+((${#disks[@]})) || disks=(sim-vdb sim-vdc sim-vdd)
+for disk in "${disks[@]}"; do
+  [[ "$disk" =~ ^[a-z0-9-]+$ ]] || { echo "[sim-setup] bad disk name: $disk" >&2; exit 2; }
+  img="$state_dir/disk-$disk.img"
+  link="/dev/comfyume-$disk"
   [[ -f "$img" ]] || truncate -s "$size" "$img"
   loop="$(losetup -j "$img" -O NAME -n | head -n1 | tr -d ' ')"
   if [[ -z "$loop" ]]; then
