@@ -36,6 +36,7 @@ image=$(docker exec fleet-gpu-1 docker inspect -f '{{.Config.Image}}' worker-1)
 image_bytes=$(docker exec fleet-gpu-1 docker image inspect -f '{{.Size}}' "$image")
 
 # The same image both ways on the third host: zstd as written, and plain tar.
+docker exec fleet-gpu-3 sh -c 'command -v zstd >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq zstd >/dev/null 2>&1'
 fmt_seconds() {
   local cmd="$1" start end
   docker exec fleet-gpu-3 sh -c "docker image rm -f $image >/dev/null 2>&1 || true"
@@ -61,6 +62,10 @@ printf '%-44s %10s %10s\n' "plain tar (worker_image_cache_format: tar)" "$((tar_
 echo
 echo "steps on each host (seconds):"
 for host in fleet-gpu-1 fleet-gpu-2; do
-  docker exec "$host" python3 -c 'import json,sys; r=json.load(open("/var/lib/comfyume/worker-image.json")); print(sys.argv[1]+": "+", ".join(f"{s[\"step\"]} {s[\"seconds\"]:.1f}" for s in r["steps"]))' "$host"
+  docker exec -i "$host" python3 - "$host" <<'PY'
+import json, sys
+record = json.load(open("/var/lib/comfyume/worker-image.json"))
+print(f"  {sys.argv[1]}: " + ", ".join(f"{s['step']} {s['seconds']:.1f}" for s in record["steps"]))
+PY
 done
 molecule destroy -s fleet >/dev/null 2>&1 || true
