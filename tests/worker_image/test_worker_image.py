@@ -359,3 +359,24 @@ def test_checksum_files_that_are_garbled_read_as_missing(tmp_path):
         assert wi.read_checksum(str(bad)) is None
     bad.write_text("A" * 64 + "  file\n")
     assert wi.read_checksum(str(bad)) == "a" * 64
+
+
+def test_a_corrupt_tarball_behind_another_hosts_lock_still_times_out(cache):
+    """The corrupt tarball cannot be removed (the lock is held), so it must not count as
+    progress: the wait ends at the timeout, verifying the tarball once, not in a loop."""
+    write_tarball(cache, good=False)
+    lock = cache / wi.lock_name(NAME, TAG)
+    lock.mkdir()
+    (lock / "owner.json").write_text(json.dumps({"host": "gpu-9", "pid": 1, "since": 0}))
+    now = [0.0]
+
+    def sleep(seconds):
+        now[0] += seconds
+
+    acquire = wi.Acquire(
+        FakeDocker(), params(cache, lock_timeout=10), sleep=sleep, clock=lambda: now[0]
+    )
+    with pytest.raises(wi.ImageError, match="worker_image_cache_lock_timeout"):
+        acquire.run()
+    assert len(acquire.refused) == 1
+    assert [s["step"] for s in acquire.steps].count("verify") == 1

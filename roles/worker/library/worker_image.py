@@ -267,6 +267,14 @@ def try_lock(lock_dir: str, host_id: str) -> bool:
     return True
 
 
+def file_id(path: str) -> tuple:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return (path, None, None)
+    return (path, info.st_size, info.st_mtime_ns)
+
+
 def remove_tarball(path: str) -> None:
     for victim in (path, path + ".sha256"):
         with contextlib.suppress(FileNotFoundError):
@@ -368,6 +376,8 @@ class Acquire:
         self.tarball_bytes = 0
         self.cache = params.get("cache_dir") or ""
         self.holding = False
+        # Tarballs already refused (path, size, mtime): waiting for them again is no progress.
+        self.refused_ids: set = set()
 
     # Each step records its duration, whatever it returns.
     def step(self, name: str, func, *args):
@@ -467,6 +477,8 @@ class Acquire:
 
     def _load_from_cache(self) -> bool:
         for path in self._cached_tarballs():
+            if file_id(path) in self.refused_ids:
+                continue
             ok, why = self.step("verify", verify_tarball, path)
             if not ok:
                 self._refuse(path, why)
@@ -487,6 +499,9 @@ class Acquire:
 
     def _refuse(self, path: str, why: str) -> None:
         """A corrupt tarball goes, under the lock, so a good one being renamed in stays."""
+        if file_id(path) in self.refused_ids:
+            return
+        self.refused_ids.add(file_id(path))
         self.refused.append(f"{os.path.basename(path)}: {why}")
         lock = os.path.join(self.cache, lock_name(self.p["name"], self.p["tag"]))
         if self.holding:
@@ -584,8 +599,6 @@ class Acquire:
             if lock_is_ours_and_dead(owner, self.p["host_id"]):
                 release_lock(lock)
                 return True, "took over a lock this host left behind"
-            if any(os.path.isfile(p + ".sha256") for p in self._cached_tarballs()):
-                return True, "tarball appeared"
             if self.clock() >= deadline:
                 since = owner.get("since")
                 age = f" for {time.time() - since:.0f} s" if since else ""
@@ -600,6 +613,11 @@ class Acquire:
                         self.ref,
                     )
                 )
+            if any(
+                os.path.isfile(p + ".sha256") and file_id(p) not in self.refused_ids
+                for p in self._cached_tarballs()
+            ):
+                return True, "tarball appeared"
             self.sleep(POLL_SECONDS)
 
     def prune(self) -> None:
