@@ -410,7 +410,7 @@ class Acquire:
             if not self.cache:
                 self._build_and_publish()
                 return "build"
-            lock = os.path.join(self.cache, lock_name(self.p["name"], self.p["tag"]))
+            lock = self._lock_path()
             if try_lock(lock, self.p["host_id"]):
                 self.holding = True
                 try:
@@ -424,15 +424,17 @@ class Acquire:
                     release_lock(lock)
             self.step("wait", self._wait_for, lock, deadline)
 
+    def _lock_path(self) -> str:
+        return os.path.join(self.cache, lock_name(self.p["name"], self.p["tag"]))
+
     def _present(self):
         here = self.docker.has_image(self.ref)
         return here, "{} {}".format(self.ref, "is present" if here else "is absent")
 
     def _would(self) -> str:
         if self.cache:
-            for fmt in FORMATS:
-                path = os.path.join(self.cache, tarball_name(self.p["name"], self.p["tag"], fmt))
-                if os.path.isfile(path) and os.path.isfile(path + ".sha256"):
+            for path in self._cached_tarballs():
+                if os.path.isfile(path + ".sha256"):
                     self.tarball = path
                     return "cache"
         return "registry" if self.p.get("registry") else "build"
@@ -503,7 +505,7 @@ class Acquire:
             return
         self.refused_ids.add(file_id(path))
         self.refused.append(f"{os.path.basename(path)}: {why}")
-        lock = os.path.join(self.cache, lock_name(self.p["name"], self.p["tag"]))
+        lock = self._lock_path()
         if self.holding:
             remove_tarball(path)
             return
