@@ -3,9 +3,10 @@
 It is started like ComfyUI (``python main.py --listen 127.0.0.1 --port 8188 --output-directory D``)
 and answers the routes a ComfyUI client uses with ComfyUI's JSON shapes and message order, so the
 worker can be tested without torch, a GPU or model weights. Only aiohttp is needed; PNG files are
-written with zlib and struct. It runs a few of ComfyUI's own nodes (EmptyImage, SaveImage,
-PreviewAny, CheckpointLoaderSimple) and test-only nodes prefixed ``StandIn`` that sleep, fail, run
-out of "GPU memory", hang or drop websockets; README.md lists them.
+written and read with zlib and struct. It runs a few of ComfyUI's own nodes (EmptyImage, LoadImage,
+LoadImageMask, SaveImage, PreviewAny, CheckpointLoaderSimple) and test-only nodes prefixed
+``StandIn`` that sleep, fail, run out of "GPU memory", hang or drop websockets; README.md lists
+them.
 
 Behaviour mirrors ComfyUI's server.py, execution.py and main.py at the v0.11.0 release: one
 execution thread takes prompts from a priority queue, sends events through one ordered publish
@@ -19,7 +20,9 @@ import argparse
 import asyncio
 import contextlib
 import copy
+import hashlib
 import heapq
+import inspect
 import itertools
 import json
 import logging
@@ -182,6 +185,27 @@ def parse_extra_model_paths(text: str) -> dict[str, dict[str, Any] | None]:
     return config
 
 
+# folder_paths.extension_mimetypes_cache: filled as extensions are met, keyed by the text after
+# the last dot, so the first file with an extension decides for all files with it.
+EXTENSION_CONTENT_TYPES: dict[str, str] = {"webp": "image", "fbx": "model"}
+
+
+def filter_files_content_types(files: list[str], content_types: list[str]) -> list[str]:
+    """folder_paths.filter_files_content_types: keeps files whose MIME type's first part (image,
+    video, audio, model) is one of content_types; files without a known type are dropped."""
+    result = []
+    for file in files:
+        extension = file.split(".")[-1]
+        if extension not in EXTENSION_CONTENT_TYPES:
+            mime_type, _ = mimetypes.guess_type(file, strict=False)
+            if not mime_type:
+                continue
+            EXTENSION_CONTENT_TYPES[extension] = mime_type.split("/")[0]
+        if EXTENSION_CONTENT_TYPES[extension] in content_types:
+            result.append(file)
+    return result
+
+
 class Folders:
     """Where ComfyUI reads models and inputs from and writes outputs to."""
 
@@ -259,6 +283,41 @@ class Folders:
                 return full
         return None
 
+    # folder_paths.annotated_filepath and friends, as LoadImage and LoadImageMask use them. A name
+    # is joined to its folder as it is: "sub/x.png" reaches a subfolder, "../x" and an absolute
+    # path reach anywhere (os.path.join drops the folder before an absolute path).
+    def annotated_filepath(self, name: str) -> tuple[str, str | None]:
+        """``x.png [output]`` -> ("x.png", output folder); the suffix and one character before it
+        are cut. Names without an annotation have no folder of their own."""
+        for suffix, base_dir in (
+            ("[output]", self.output_dir),
+            ("[input]", self.input_dir),
+            ("[temp]", self.temp_dir),
+        ):
+            if name.endswith(suffix):
+                return name[: -len(suffix) - 1], base_dir
+        return name, None
+
+    def get_annotated_filepath(self, name: str, default_dir: str | None = None) -> str:
+        name, base_dir = self.annotated_filepath(name)
+        if base_dir is None:
+            base_dir = default_dir if default_dir is not None else self.input_dir
+        return os.path.join(base_dir, name)
+
+    def exists_annotated_filepath(self, name: str) -> bool:
+        name, base_dir = self.annotated_filepath(name)
+        return os.path.exists(os.path.join(base_dir or self.input_dir, name))
+
+    def input_files(self, content_types: list[str] | None = None) -> list[str]:
+        """The files directly in the input folder (no subfolders), sorted, as LoadImage lists
+        them; with content_types only those whose MIME type is of one of those kinds."""
+        files = [
+            f for f in os.listdir(self.input_dir) if os.path.isfile(os.path.join(self.input_dir, f))
+        ]
+        if content_types is not None:
+            files = filter_files_content_types(files, content_types)
+        return sorted(files)
+
     def directory_by_type(self, type_name: str) -> str | None:
         return {"output": self.output_dir, "input": self.input_dir, "temp": self.temp_dir}.get(
             type_name
@@ -315,13 +374,23 @@ class Folders:
 
 
 class ImageBatch:
-    """A batch of solid-colour RGB images: what EmptyImage makes and SaveImage writes."""
+    """A batch of solid-colour RGB images: what EmptyImage and LoadImage make, SaveImage writes."""
 
     def __init__(self, width: int, height: int, batch_size: int, color: int) -> None:
         self.width, self.height, self.batch_size, self.color = width, height, batch_size, color
 
     def __str__(self) -> str:
         return f"ImageBatch[{self.batch_size}, {self.height}, {self.width}, 3](color={self.color})"
+
+
+class MaskBatch:
+    """A batch of one-value masks: LoadImage's second output and LoadImageMask's only one."""
+
+    def __init__(self, width: int, height: int, batch_size: int, value: float) -> None:
+        self.width, self.height, self.batch_size, self.value = width, height, batch_size, value
+
+    def __str__(self) -> str:
+        return f"MaskBatch[{self.batch_size}, {self.height}, {self.width}](value={self.value:g})"
 
 
 class LoadedModel:
@@ -357,9 +426,116 @@ def encode_png(width: int, height: int, rgb: tuple[int, int, int], text: dict[st
     return b"\x89PNG\r\n\x1a\n" + b"".join(chunks)
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
+
+
+class PngInfo:
+    """What LoadImage takes from a PNG: its size and its first pixel, as Pillow would see it.
+
+    ``rgb`` and ``alpha`` are the pixel after conversion to RGBA (a tRNS colour key or palette
+    entry gives the alpha); ``alpha_band`` tells whether Pillow's image has one (LA, RGBA, or a
+    palette with transparency), which makes LoadImage's mask the image's size.
+    """
+
+    def __init__(
+        self, width: int, height: int, rgb: tuple[int, int, int], alpha: int, alpha_band: bool
+    ) -> None:
+        self.width, self.height, self.rgb = width, height, rgb
+        self.alpha, self.alpha_band = alpha, alpha_band
+
+
+def decode_png(data: bytes) -> PngInfo | None:
+    """Size and first pixel of a PNG of any colour type, bit depth or interlacing; None if the
+    data is not a PNG this can read.
+
+    Only the first pixel is decoded: under every filter type it is stored as is (no pixel lies
+    left of or above it), and Adam7's first pass starts with it too. Samples of 16 bits give their
+    high byte, except grey ones, which Pillow clips to 255.
+    """
+    if not data.startswith(PNG_SIGNATURE):
+        return None
+    pos, ihdr, palette, trns, idat = 8, b"", b"", None, []
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        body = data[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+        if kind == b"IHDR":
+            ihdr = body
+        elif kind == b"PLTE":
+            palette = body
+        elif kind == b"tRNS":
+            trns = body
+        elif kind == b"IDAT":
+            idat.append(body)
+        elif kind == b"IEND":
+            break
+    if len(ihdr) != 13 or not idat:
+        return None
+    width, height, depth, color_type = struct.unpack(">IIBB", ihdr[:10])
+    channels = PNG_CHANNELS.get(color_type)
+    if channels is None or not width or not height or depth not in (1, 2, 4, 8, 16):
+        return None
+    if (depth < 8 and color_type not in (0, 3)) or (depth == 16 and color_type == 3):
+        return None
+    need = 1 + (channels * depth + 7) // 8  # the filter byte and the first pixel
+    try:
+        raw = zlib.decompressobj().decompress(b"".join(idat), need)
+    except zlib.error:
+        return None
+    if len(raw) < need:
+        return None
+    if depth == 16:
+        samples = list(struct.unpack(f">{channels}H", raw[1:need]))
+    elif depth == 8:
+        samples = list(raw[1:need])
+    else:
+        samples = [raw[1] >> (8 - depth)]
+    if trns is not None and color_type in (0, 2) and len(trns) == 2 * channels:
+        alpha = 0 if list(struct.unpack(f">{channels}H", trns)) == samples else 255
+    else:
+        alpha = 255
+    if color_type == 3:
+        index = samples[0]
+        if 3 * index + 3 > len(palette):
+            return None
+        if trns is not None and index < len(trns):
+            alpha = trns[index]
+        rgb = (palette[3 * index], palette[3 * index + 1], palette[3 * index + 2])
+        return PngInfo(width, height, rgb, alpha, trns is not None)
+    if depth == 16 and color_type == 0:
+        samples = [min(samples[0], 255)]  # Pillow's "I;16" converts to RGB by clipping
+    elif depth == 16:
+        samples = [v >> 8 for v in samples]
+    elif depth < 8:
+        samples = [samples[0] * 255 // ((1 << depth) - 1)]
+    if color_type in (4, 6):
+        alpha = samples[-1]
+    rgb = (samples[0], samples[1], samples[2]) if channels >= 3 else (samples[0],) * 3
+    return PngInfo(width, height, rgb, alpha, color_type in (4, 6))
+
+
+def read_image(path: str) -> PngInfo:
+    """Opens an image file like LoadImage's Image.open: a missing file raises FileNotFoundError,
+    one that cannot be read as an image PIL.UnidentifiedImageError."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    info = decode_png(data)
+    if info is None:
+        raise UnidentifiedImageError(f"cannot identify image file {path!r}")
+    return info
+
+
 # --------------------------------------------------------------------------------------------
 # Exceptions
 # --------------------------------------------------------------------------------------------
+
+
+class UnidentifiedImageError(OSError):
+    """Pillow's error for a file it cannot read as an image (``PIL.UnidentifiedImageError``)."""
+
+
+UnidentifiedImageError.__module__ = "PIL"
 
 
 class InterruptProcessingException(Exception):
@@ -422,7 +598,11 @@ class NodeContext:
 
 
 class Node:
-    """A node class in ComfyUI's V1 shape (INPUT_TYPES, RETURN_TYPES, OUTPUT_NODE, ...)."""
+    """A node class in ComfyUI's V1 shape (INPUT_TYPES, RETURN_TYPES, OUTPUT_NODE, ...).
+
+    A node may define ``VALIDATE_INPUTS(self, <inputs>)`` and ``IS_CHANGED(self, <inputs>)`` as
+    ComfyUI's do (there as classmethods); they reach the folders through ``self.folders``.
+    """
 
     display_name: str | None = None
     category = "sd"
@@ -434,6 +614,9 @@ class Node:
     search_aliases: tuple[str, ...] = ()
     # ComfyUI re-runs a node whose IS_CHANGED returns NaN; these nodes behave that way.
     always_run = False
+
+    def __init__(self, folders: Folders | None = None) -> None:
+        self.folders = folders
 
     def input_types(self, folders: Folders) -> dict[str, dict[str, Any]]:
         return {"required": {}}
@@ -462,6 +645,83 @@ class EmptyImage(Node):
 
     def run(self, ctx, width, height, batch_size=1, color=0):
         return {"result": (ImageBatch(width, height, batch_size, color),)}
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        digest.update(fh.read())
+    return digest.digest().hex()
+
+
+class LoadImage(Node):
+    """Reads an image named relative to the input folder, ``name [output]``/``[input]``/``[temp]``
+    for another folder, or an absolute path, as ComfyUI does (nothing keeps it inside a folder)."""
+
+    display_name = "Load Image"
+    category = "image"
+    return_types = ("IMAGE", "MASK")
+    search_aliases = (
+        "load image",
+        "open image",
+        "import image",
+        "image input",
+        "upload image",
+        "read image",
+        "image loader",
+    )
+
+    def input_types(self, folders):
+        return {"required": {"image": (folders.input_files(["image"]), {"image_upload": True})}}
+
+    def run(self, ctx, image):
+        info = read_image(ctx.runtime.folders.get_annotated_filepath(image))
+        color = (info.rgb[0] << 16) | (info.rgb[1] << 8) | info.rgb[2]
+        if info.alpha_band:
+            mask = MaskBatch(info.width, info.height, 1, 1.0 - info.alpha / 255.0)
+        else:
+            mask = MaskBatch(64, 64, 1, 0.0)
+        return {"result": (ImageBatch(info.width, info.height, 1, color), mask)}
+
+    def IS_CHANGED(self, image):
+        return _file_sha256(self.folders.get_annotated_filepath(image))
+
+    def VALIDATE_INPUTS(self, image):
+        if not self.folders.exists_annotated_filepath(image):
+            return f"Invalid image file: {image}"
+        return True
+
+
+class LoadImageMask(Node):
+    """One channel of an image (alpha inverted) as a MASK; names resolve as for LoadImage."""
+
+    display_name = "Load Image (as Mask)"
+    category = "mask"
+    return_types = ("MASK",)
+    search_aliases = ("import mask", "alpha mask", "channel mask")
+    color_channels = ("alpha", "red", "green", "blue")
+
+    def input_types(self, folders):
+        return {
+            "required": {
+                "image": (folders.input_files(), {"image_upload": True}),
+                "channel": (list(self.color_channels),),
+            }
+        }
+
+    def run(self, ctx, image, channel):
+        info = read_image(ctx.runtime.folders.get_annotated_filepath(image))
+        c = channel[0].upper()
+        value = 1.0 - info.alpha / 255.0 if c == "A" else info.rgb["RGB".index(c)] / 255.0
+        return {"result": (MaskBatch(info.width, info.height, 1, value),)}
+
+    def IS_CHANGED(self, image, channel):
+        return _file_sha256(self.folders.get_annotated_filepath(image))
+
+    def VALIDATE_INPUTS(self, image):
+        if not self.folders.exists_annotated_filepath(image):
+            return f"Invalid image file: {image}"
+        return True
 
 
 class SaveImage(Node):
@@ -718,6 +978,8 @@ class StandInDropWebSockets(StandInTestNode):
 NODE_CLASS_MAPPINGS: dict[str, type[Node]] = {
     "CheckpointLoaderSimple": CheckpointLoaderSimple,
     "SaveImage": SaveImage,
+    "LoadImage": LoadImage,
+    "LoadImageMask": LoadImageMask,
     "EmptyImage": EmptyImage,
     "PreviewAny": PreviewAny,
     "StandInSleep": StandInSleep,
@@ -732,7 +994,7 @@ NODE_CLASS_MAPPINGS: dict[str, type[Node]] = {
 def node_info(name: str, folders: Folders) -> dict[str, Any]:
     """One entry of /object_info, as ComfyUI builds it for V1 nodes."""
     cls = NODE_CLASS_MAPPINGS[name]
-    node = cls()
+    node = cls(folders)
     inputs = node.input_types(folders)
     info: dict[str, Any] = {
         "input": inputs,
@@ -800,9 +1062,18 @@ def validate_inputs(
         return validated[unique_id]
     node_inputs = prompt[unique_id]["inputs"]
     class_type = prompt[unique_id]["class_type"]
-    class_inputs = NODE_CLASS_MAPPINGS[class_type]().input_types(folders)
+    node = NODE_CLASS_MAPPINGS[class_type](folders)
+    class_inputs = node.input_types(folders)
     errors: list[dict[str, Any]] = []
     valid = True
+    # Inputs that VALIDATE_INPUTS takes skip the min, max and combo checks: it judges them.
+    validate_function = getattr(node, "VALIDATE_INPUTS", None)
+    validate_function_inputs: list[str] = []
+    validate_has_kwargs = False
+    if validate_function is not None:
+        argspec = inspect.getfullargspec(validate_function)
+        validate_function_inputs = argspec.args
+        validate_has_kwargs = argspec.varkw is not None
     # ComfyUI walks a set here, so its error order varies; declaration order is stable.
     valid_inputs = [*class_inputs.get("required", {}), *class_inputs.get("optional", {})]
     for x in valid_inputs:
@@ -911,6 +1182,8 @@ def validate_inputs(
                     }
                 )
                 continue
+            if x in validate_function_inputs or validate_has_kwargs:
+                continue
             if "min" in extra and val < extra["min"]:
                 errors.append(
                     {
@@ -961,6 +1234,26 @@ def validate_inputs(
                         }
                     )
                     continue
+    if validate_function is not None and (validate_function_inputs or validate_has_kwargs):
+        # Constants as they are now (converted); links give None, since nothing ran yet. An
+        # exception here (e.g. a missing argument) fails the node's validation as in ComfyUI.
+        input_filtered = {
+            x: None if is_link(value) else value
+            for x, value in node_inputs.items()
+            if input_info(class_inputs, x)[1] is not None
+            and (x in validate_function_inputs or validate_has_kwargs)
+        }
+        r = validate_function(**input_filtered)
+        if r is not True:
+            for x in input_filtered:
+                errors.append(
+                    {
+                        "type": "custom_validation_failed",
+                        "message": "Custom validation failed for node",
+                        "details": f"{x}" if r is False else f"{x} - {r}",
+                        "extra_info": {"input_name": x},
+                    }
+                )
     ret = (False, errors, unique_id) if errors or valid is not True else (True, [], unique_id)
     validated[unique_id] = ret
     return ret
@@ -1421,17 +1714,36 @@ class PromptExecutor:
         if self.runtime.client_id is not None or broadcast:
             self.runtime.send_sync(event, data, self.runtime.client_id)
 
+    def _is_changed(self, node: dict[str, Any]) -> Any:
+        """execution.IsChangedCache.get: False without IS_CHANGED, else what it returns for the
+        node's constant inputs (links give None); a node that always runs, or whose IS_CHANGED
+        raises (a NaN in ComfyUI), gets a value no other run has."""
+        cls = NODE_CLASS_MAPPINGS[node["class_type"]]
+        if cls.always_run:
+            return ["NaN", next(self.always_run_counter)]
+        instance = cls(self.runtime.folders)
+        is_changed = getattr(instance, "IS_CHANGED", None)
+        if is_changed is None:
+            return False
+        spec = instance.input_types(self.runtime.folders)
+        inputs = {
+            name: None if is_link(value) else value
+            for name, value in node["inputs"].items()
+            if input_info(spec, name)[1] is not None
+        }
+        try:
+            return [is_changed(**inputs)]
+        except Exception as ex:
+            log.warning("WARNING: %s", ex)
+            return ["NaN", next(self.always_run_counter)]
+
     # Output cache keyed by input signature: the node, its constant inputs and its ancestors.
     def _signatures(self, prompt: dict[str, Any]) -> dict[str, str]:
-        always_run = {
-            node_id: next(self.always_run_counter)
-            for node_id, node in prompt.items()
-            if NODE_CLASS_MAPPINGS[node["class_type"]].always_run
-        }
+        is_changed = {node_id: self._is_changed(node) for node_id, node in prompt.items()}
 
         def immediate(node_id: str, order: dict[str, int]) -> list[Any]:
             node = prompt[node_id]
-            sig: list[Any] = [node["class_type"], always_run.get(node_id)]
+            sig: list[Any] = [node["class_type"], is_changed[node_id]]
             for key in sorted(node["inputs"]):
                 value = node["inputs"][key]
                 if is_link(value):
@@ -1531,7 +1843,7 @@ class PromptExecutor:
         input_data: dict[str, Any] | None = None
         try:
             rt.start_progress(prompt_id, node_id)
-            instance = cls()
+            instance = cls(rt.folders)
             input_data = self._input_data(instance, node_id, prompt, extra_data, results)
             if rt.client_id is not None:
                 rt.last_node_id = node_id

@@ -10,6 +10,8 @@ import asyncio
 import random
 import struct
 import uuid
+import zlib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -538,3 +540,236 @@ def test_reconnect_during_a_run_tells_the_current_node(comfy, api):
     assert status["type"] == "status"
     assert status["data"]["status"]["exec_info"]["queue_remaining"] == 1
     assert executing == {"type": "executing", "data": {"node": "3"}}
+
+
+# ---- LoadImage and LoadImageMask: files named relative to the input folder, or not ----------
+
+
+def write_png(path: Path, width: int, height: int, rgba: tuple[int, ...]) -> Path:
+    """A solid 8-bit PNG, RGB for three values and RGBA for four (no PIL here)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    color_type = 6 if len(rgba) == 4 else 2
+    rows = (b"\x00" + bytes(rgba) * width) * height
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def png_size_and_first_pixel(data: bytes) -> tuple[int, int, tuple[int, int, int]]:
+    """(width, height, RGB of the first pixel) of an 8-bit RGB PNG such as SaveImage writes."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, header = 8, b"", b""
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        header = body if kind == b"IHDR" else header
+        idat += body if kind == b"IDAT" else b""
+        pos += 12 + length
+    width, height, depth, color_type = struct.unpack(">IIBB", header[:10])
+    assert (depth, color_type) == (8, 2)
+    first = zlib.decompress(idat)[1:4]  # a row's first pixel is stored as is, whatever the filter
+    return width, height, (first[0], first[1], first[2])
+
+
+def load_and_save(name: str, prefix: str) -> dict[str, Any]:
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": name}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
+    }
+
+
+def saved_image(comfy, run) -> tuple[int, int, tuple[int, int, int]]:
+    assert run.status == 200 and run.response["node_errors"] == {}, run.response
+    assert run.history["status"]["status_str"] == "success", run.history["status"]
+    (image,) = run.history["outputs"]["2"]["images"]
+    return png_size_and_first_pixel(
+        (comfy.output_dir / image["subfolder"] / image["filename"]).read_bytes()
+    )
+
+
+def test_load_image_names_resolve_like_comfyui(comfy, api):
+    tag = uuid.uuid4().hex[:8]
+    input_dir = comfy.base_dir / "input"
+    write_png(input_dir / f"{tag}-top.png", 5, 3, (10, 20, 30))
+    write_png(input_dir / f"{tag}-sub" / "nested.png", 4, 6, (200, 100, 0, 255))
+    # A file in the output folder, made by the server itself: SaveImage of an EmptyImage.
+    made = api.run(comfy, image_to_file(f"contract/{tag}-out", width=7, height=2))
+    (out,) = made.history["outputs"]["2"]["images"]
+    color = made.history["prompt"][2]["1"]["inputs"]["color"]
+    out_rgb = ((color >> 16) & 0xFF, (color >> 8) & 0xFF, color & 0xFF)
+    out_path = comfy.output_dir / out["subfolder"] / out["filename"]
+    cases = {
+        f"{tag}-top.png": (5, 3, (10, 20, 30)),
+        f"{tag}-top.png [input]": (5, 3, (10, 20, 30)),
+        # Not in the combo list (subfolders are not listed), yet accepted: VALIDATE_INPUTS
+        # takes the input, so ComfyUI only checks that the file exists.
+        f"{tag}-sub/nested.png": (4, 6, (200, 100, 0)),
+        f"{out['subfolder']}/{out['filename']} [output]": (7, 2, out_rgb),
+        # An absolute path is used as it is, outside the input folder too: ComfyUI does not
+        # confine LoadImage, so whoever submits prompts must.
+        str(out_path): (7, 2, out_rgb),
+    }
+    for i, (name, expected) in enumerate(cases.items()):
+        run = api.run(comfy, load_and_save(name, f"contract/{tag}-load{i}"))
+        assert saved_image(comfy, run) == expected, name
+
+
+def test_load_image_of_a_missing_file_fails_validation(comfy, api):
+    tag = uuid.uuid4().hex[:8]
+    for name in (
+        f"{tag}-missing.png",
+        f"{tag}-missing.png [output]",
+        str(comfy.base_dir / f"{tag}-absent.png"),
+    ):
+        run = api.run(comfy, load_and_save(name, f"contract/{tag}"))
+        assert run.status == 400
+        assert run.response == {
+            "error": {
+                "type": "prompt_outputs_failed_validation",
+                "message": "Prompt outputs failed validation",
+                # Only the output node's own errors are listed here, and SaveImage has none.
+                "details": "",
+                "extra_info": {},
+            },
+            "node_errors": {
+                "1": {
+                    "errors": [
+                        {
+                            "type": "custom_validation_failed",
+                            "message": "Custom validation failed for node",
+                            "details": f"image - Invalid image file: {name}",
+                            "extra_info": {"input_name": "image"},
+                        }
+                    ],
+                    "dependent_outputs": ["2"],
+                    "class_type": "LoadImage",
+                }
+            },
+        }
+
+    # LoadImageMask's channel is still checked against its list; its image only for existence.
+    mask = {
+        "1": {"class_type": "LoadImageMask", "inputs": {"image": "absent.png", "channel": "cyan"}},
+        "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}},
+    }
+    run = api.run(comfy, mask)
+    assert run.status == 400
+    errors = sorted(run.response["node_errors"]["1"]["errors"], key=lambda e: e["type"])
+    assert [(e["type"], e["details"]) for e in errors] == [
+        ("custom_validation_failed", "image - Invalid image file: absent.png"),
+        ("value_not_in_list", "channel: 'cyan' not in ['alpha', 'red', 'green', 'blue']"),
+    ]
+
+
+def test_load_image_of_an_unreadable_file_is_an_execution_error(comfy, api):
+    tag = uuid.uuid4().hex[:8]
+    bad = comfy.base_dir / "input" / f"{tag}-bad.png"
+    bad.write_bytes(b"not an image at all")
+    run = api.run(comfy, load_and_save(bad.name, f"contract/{tag}"))
+    assert run.status == 200 and run.response["node_errors"] == {}
+    (error,) = run.of_type("execution_error")
+    assert error["node_id"] == "1" and error["node_type"] == "LoadImage"
+    assert error["exception_type"] == "PIL.UnidentifiedImageError"
+    assert error["exception_message"] == f"cannot identify image file {str(bad)!r}\n"
+    assert error["current_inputs"] == {"image": [bad.name]}
+
+
+def test_load_image_runs_again_when_the_file_changes(comfy, api):
+    tag = uuid.uuid4().hex[:8]
+    path = write_png(comfy.base_dir / "input" / f"{tag}.png", 3, 3, (1, 2, 3))
+    prompt = load_and_save(path.name, f"contract/{tag}")
+    assert saved_image(comfy, api.run(comfy, prompt)) == (3, 3, (1, 2, 3))
+    again = api.run(comfy, prompt)
+    assert again.of_type("execution_cached")[0]["nodes"] == ["1", "2"]
+    write_png(path, 2, 5, (4, 5, 6))  # IS_CHANGED hashes the file: a new one runs both nodes
+    changed = api.run(comfy, prompt)
+    assert changed.of_type("execution_cached")[0]["nodes"] == []
+    assert saved_image(comfy, changed) == (2, 5, (4, 5, 6))
+
+
+def test_load_image_mask_outputs_a_mask(comfy, api):
+    tag = uuid.uuid4().hex[:8]
+    path = write_png(comfy.base_dir / "input" / f"{tag}.png", 4, 4, (9, 8, 7, 128))
+    for channel in ("alpha", "red"):
+        prompt = {
+            "1": {
+                "class_type": "LoadImageMask",
+                "inputs": {"image": path.name, "channel": channel},
+            },
+            "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}},
+        }
+        run = api.run(comfy, prompt)
+        assert run.status == 200 and run.history["status"]["status_str"] == "success"
+    # A MASK is no IMAGE: neither LoadImageMask's output nor LoadImage's second one saves.
+    for class_type, inputs, slot in (
+        ("LoadImageMask", {"image": path.name, "channel": "alpha"}, 0),
+        ("LoadImage", {"image": path.name}, 1),
+    ):
+        prompt = load_and_save(path.name, f"contract/{tag}")
+        prompt["1"] = {"class_type": class_type, "inputs": inputs}
+        prompt["2"]["inputs"]["images"] = ["1", slot]
+        run = api.run(comfy, prompt)
+        assert run.status == 400
+        (error,) = run.response["node_errors"]["2"]["errors"]
+        assert error["type"] == "return_type_mismatch"
+        assert error["details"] == "images, received_type(MASK) mismatch input_type(IMAGE)"
+
+
+def test_object_info_of_load_image_nodes(comfy, api):
+    tag = uuid.uuid4().hex[:8]
+    input_dir = comfy.base_dir / "input"
+    for name in (f"{tag}-b.png", f"{tag}-a.webp", f"{tag}-notes.txt", f"{tag}-dir/c.png"):
+        (input_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (input_dir / name).write_bytes(b"x")
+    status, info = api.call(comfy, "GET", "/object_info/LoadImage")
+    assert status == 200
+    load = info["LoadImage"]
+    files, options = load["input"]["required"]["image"]
+    assert options == {"image_upload": True}
+    assert files == sorted(files)
+    mine = [f for f in files if f.startswith(tag)]
+    assert mine == [f"{tag}-a.webp", f"{tag}-b.png"]  # image types only, no subfolders
+    assert {k: v for k, v in load.items() if k != "input"} == {
+        "input_order": {"required": ["image"]},
+        "output": ["IMAGE", "MASK"],
+        "output_is_list": [False, False],
+        "output_name": ["IMAGE", "MASK"],
+        "name": "LoadImage",
+        "display_name": "Load Image",
+        "description": "",
+        "python_module": "nodes",
+        "category": "image",
+        "output_node": False,
+        "search_aliases": [
+            "load image",
+            "open image",
+            "import image",
+            "image input",
+            "upload image",
+            "read image",
+            "image loader",
+        ],
+    }
+    mask = api.call(comfy, "GET", "/object_info/LoadImageMask")[1]["LoadImageMask"]
+    files, options = mask["input"]["required"]["image"]
+    assert options == {"image_upload": True}
+    assert [f for f in files if f.startswith(tag)] == [
+        f"{tag}-a.webp",
+        f"{tag}-b.png",
+        f"{tag}-notes.txt",  # LoadImageMask lists every file
+    ]
+    assert mask["input"]["required"]["channel"] == [["alpha", "red", "green", "blue"]]
+    assert (mask["output"], mask["category"], mask["display_name"]) == (
+        ["MASK"],
+        "mask",
+        "Load Image (as Mask)",
+    )

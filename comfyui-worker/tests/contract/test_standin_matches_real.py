@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import re
+import struct
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,14 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.comfyui_real]
 
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{32}")
-NODES_IN_BOTH = ("EmptyImage", "SaveImage", "PreviewAny", "CheckpointLoaderSimple")
+NODES_IN_BOTH = (
+    "EmptyImage",
+    "SaveImage",
+    "PreviewAny",
+    "CheckpointLoaderSimple",
+    "LoadImage",
+    "LoadImageMask",
+)
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +171,84 @@ def test_interrupt_event_stream(pair, api):
     assert_same_run(pair, *runs)
 
 
+def solid_png(width: int, height: int, rgba: tuple[int, ...]) -> bytes:
+    """An 8-bit RGB (three values) or RGBA (four) PNG of one colour."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body))
+            + kind
+            + body
+            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 6 if len(rgba) == 4 else 2, 0, 0, 0)
+    rows = (b"\x00" + bytes(rgba) * width) * height
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+def put_inputs(pair, files: dict[str, bytes]) -> None:
+    """The same files in both servers' input folders."""
+    for server in pair:
+        for name, data in files.items():
+            path = server.base_dir / "input" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+
+
+def test_load_image_runs_and_failures(pair, api):
+    tag = uuid.uuid4().hex[:8]
+    put_inputs(
+        pair,
+        {
+            f"{tag}.png": solid_png(6, 4, (250, 128, 3, 200)),
+            f"{tag}-sub/rgb.png": solid_png(3, 5, (1, 2, 3)),
+            f"{tag}-bad.png": b"not an image",
+        },
+    )
+
+    def load(name: str, class_type: str = "LoadImage", slot: int = 0) -> dict[str, Any]:
+        inputs: dict[str, Any] = {"image": name}
+        if class_type == "LoadImageMask":
+            inputs["channel"] = "alpha"
+        return {
+            "1": {"class_type": class_type, "inputs": inputs},
+            "2": {
+                "class_type": "SaveImage",
+                "inputs": {"images": ["1", slot], "filename_prefix": f"pair/{tag}"},
+            },
+        }
+
+    ran = load(f"{tag}.png [input]")
+    for prompt in (
+        ran,
+        ran,  # from cache: the file did not change
+        load(f"{tag}-sub/rgb.png"),
+        load(f"{tag}-missing.png"),
+        load(f"{tag}-missing.png [output]"),
+        load(f"{tag}-bad.png"),
+        load(f"{tag}.png", slot=1),
+        load(f"{tag}.png", "LoadImageMask"),
+        {"1": {"class_type": "LoadImage", "inputs": {}}, **{"2": load("x")["2"]}},
+    ):
+        assert_same_run(pair, *both(pair, api, prompt))
+    real, standin = pair
+    real_files = sorted(p.name for p in (real.output_dir / "pair").iterdir())
+    assert real_files == sorted(p.name for p in (standin.output_dir / "pair").iterdir())
+
+
 def test_object_info_of_shared_nodes(pair, api):
     real, standin = pair
+    # LoadImage lists the image files directly in the input folder; LoadImageMask every file.
+    put_inputs(
+        pair,
+        {name: b"x" for name in ("b.png", "a.JPG", "c.webp", "d.txt", ".e.png", "sub/f.png")},
+    )
     real_info = api.call(real, "GET", "/object_info")[1]
     standin_info = api.call(standin, "GET", "/object_info")[1]
     for name in NODES_IN_BOTH:
