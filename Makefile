@@ -39,6 +39,7 @@ bench: bootstrap
 	scripts/bench-converge.sh
 	scripts/bench-image.sh
 	$(BIN)/python comfyui-worker/bench/bench_worker.py
+	$(BIN)/python comfyui-worker/bench/bench_files.py
 
 ## clean-sim: remove the simulated hosts (their disks' contents are kept)
 clean-sim:

@@ -192,6 +192,13 @@ class ComfyClient:
             raise ComfyUnavailable(f"/system_stats answered HTTP {status}")
         return body
 
+    async def object_info(self) -> dict[str, Any]:
+        """Every node's input schema (not cheap on real ComfyUI: read once per worker)."""
+        status, body = await self._request("GET", "/object_info")
+        if status != 200 or not isinstance(body, dict):
+            raise ComfyUnavailable(f"/object_info answered HTTP {status}")
+        return body
+
     async def submit(self, workflow: dict[str, Any], prompt_id: str) -> None:
         """Queue a prompt; a rejected prompt raises JobFailure with ComfyUI's node_errors intact."""
         self._watches.setdefault(prompt_id, _Watch())

@@ -24,6 +24,8 @@ DEFAULT_VRAM_TABLE = HERE / "vram_table.json"
 QUEUE_SOURCES = ("redis", "http")
 QUEUE_MODES = ("fifo", "priority", "round_robin")
 VRAM_CHECK_MODES = ("auto", "on", "off")
+OUTPUT_DELIVERY_MODES = ("exchange", "local")
+OUTPUT_VERIFY_MODES = ("checksum", "size")
 LOG_FORMATS = ("text", "json")
 
 
@@ -72,6 +74,19 @@ class Config:
     outputs_dir: str = "/outputs"
     comfyui_output_dir: str = ""
     inputs_dir: str = "/inputs"
+    output_delivery: str = "local"
+    exchange_url: str = ""
+    exchange_token: str = field(default="", repr=False)
+    exchange_timeout: float = 60.0
+    delivery_timeout: float = 300.0
+    output_retain: bool = False
+    output_verify: str = "checksum"
+    output_max_file_bytes: int = 4 << 30
+    output_max_job_bytes: int = 16 << 30
+    input_max_job_bytes: int = 2 << 30
+    staging_dir: str = "/staging"
+    staging_host_dir: str = ""
+    comfyui_input_dir: str = ""
     max_job_bytes: int = 16 * 1024 * 1024
     comfyui_start: bool = False
     comfyui_dir: str = "/opt/ComfyUI"
@@ -90,6 +105,27 @@ class Config:
         parts = urlsplit(self.comfyui_url)
         return parts.hostname or "127.0.0.1", parts.port or 8188
 
+    @property
+    def comfyui_inputs(self) -> str:
+        """ComfyUI's --input-directory: each job's inputs go to a folder of its own inside."""
+        return self.comfyui_input_dir or os.path.join(self.staging_dir, "inputs")
+
+    @property
+    def collect_root(self) -> str:
+        """Where a job's outputs are gathered: the shared outputs tree, or this worker's staging."""
+        if self.output_delivery == "local":
+            return self.outputs_dir
+        return os.path.join(self.staging_dir, "outputs")
+
+    def host_path(self, path: str) -> str:
+        """A staging path as the GPU host's admin finds it (STAGING_HOST_DIR), for messages."""
+        if (
+            self.staging_host_dir
+            and os.path.commonpath([self.staging_dir, path]) == self.staging_dir
+        ):
+            return os.path.join(self.staging_host_dir, os.path.relpath(path, self.staging_dir))
+        return path
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
         """Read and validate; raises ConfigError listing every bad variable at once."""
@@ -103,6 +139,15 @@ class Config:
             except OSError as exc:
                 reader.problem(
                     "REDIS_PASSWORD_FILE", f"cannot read {password_file}: {exc.strerror}"
+                )
+        token = reader.str("FILE_EXCHANGE_TOKEN", "")
+        token_file = reader.str("FILE_EXCHANGE_TOKEN_FILE", "")
+        if token_file and not token:
+            try:
+                token = Path(token_file).read_text().strip()
+            except OSError as exc:
+                reader.problem(
+                    "FILE_EXCHANGE_TOKEN_FILE", f"cannot read {token_file}: {exc.strerror}"
                 )
         cfg = cls(
             worker_id=reader.match(
@@ -141,6 +186,29 @@ class Config:
             outputs_dir=reader.abspath("OUTPUTS_DIR", d.outputs_dir),
             comfyui_output_dir=reader.abspath("COMFYUI_OUTPUT_DIR", d.comfyui_output_dir, True),
             inputs_dir=reader.abspath("INPUTS_DIR", d.inputs_dir),
+            output_delivery=reader.choice(
+                "OUTPUT_DELIVERY", d.output_delivery, OUTPUT_DELIVERY_MODES
+            ),
+            exchange_url=reader.url("FILE_EXCHANGE_URL", "")
+            if reader.raw("FILE_EXCHANGE_URL")
+            else "",
+            exchange_token=token,
+            exchange_timeout=reader.float("FILE_EXCHANGE_TIMEOUT", d.exchange_timeout),
+            delivery_timeout=reader.float("OUTPUT_DELIVERY_TIMEOUT", d.delivery_timeout),
+            output_retain=reader.bool("OUTPUT_RETAIN", d.output_retain),
+            output_verify=reader.choice("OUTPUT_VERIFY", d.output_verify, OUTPUT_VERIFY_MODES),
+            output_max_file_bytes=reader.int(
+                "OUTPUT_MAX_FILE_BYTES", d.output_max_file_bytes, 1, 1 << 50
+            ),
+            output_max_job_bytes=reader.int(
+                "OUTPUT_MAX_JOB_BYTES", d.output_max_job_bytes, 1, 1 << 50
+            ),
+            input_max_job_bytes=reader.int(
+                "INPUT_MAX_JOB_BYTES", d.input_max_job_bytes, 1, 1 << 50
+            ),
+            staging_dir=reader.abspath("STAGING_DIR", d.staging_dir),
+            staging_host_dir=reader.abspath("STAGING_HOST_DIR", "", True),
+            comfyui_input_dir=reader.abspath("COMFYUI_INPUT_DIR", "", True),
             max_job_bytes=reader.int("WORKER_MAX_JOB_BYTES", d.max_job_bytes, 1024, 1 << 31),
             comfyui_start=reader.bool("COMFYUI_START", d.comfyui_start),
             comfyui_dir=reader.str("COMFYUI_DIR", d.comfyui_dir),
@@ -182,6 +250,36 @@ def _consistency(cfg: Config) -> list[str]:
             f"HEARTBEAT_INTERVAL ({cfg.heartbeat_interval:g}) must be at most half of "
             f"HEARTBEAT_TTL ({cfg.heartbeat_ttl}) so one missed beat does not expire the key"
         )
+    if cfg.output_delivery == "exchange":
+        if not cfg.exchange_url:
+            problems.append(
+                "FILE_EXCHANGE_URL: required with OUTPUT_DELIVERY=exchange (the app server's "
+                "file exchange, e.g. http://<tailnet address>:8288); OUTPUT_DELIVERY=local keeps "
+                "inputs and outputs on this host's disk"
+            )
+        if not cfg.exchange_token:
+            problems.append(
+                "FILE_EXCHANGE_TOKEN_FILE: required with OUTPUT_DELIVERY=exchange (a file holding "
+                "the exchange's token)"
+            )
+    # The worker empties ComfyUI's input folder at start and after each job: it must hold
+    # nothing else.
+    others = {
+        "COMFYUI_OUTPUT_DIR": cfg.comfyui_output_dir,
+        "OUTPUTS_DIR"
+        if cfg.output_delivery == "local"
+        else "STAGING_DIR/outputs": cfg.collect_root,
+    }
+    if cfg.output_delivery == "local":
+        others["INPUTS_DIR"] = cfg.inputs_dir
+    for name, folder in others.items():
+        if folder and _nested(cfg.comfyui_inputs, folder):
+            problems.append(
+                f"COMFYUI_INPUT_DIR ({cfg.comfyui_inputs}) and {name} ({folder}) must not be the "
+                "same folder or one inside the other: the worker empties ComfyUI's input folder"
+            )
+    if cfg.output_max_file_bytes > cfg.output_max_job_bytes:
+        problems.append("OUTPUT_MAX_FILE_BYTES must be <= OUTPUT_MAX_JOB_BYTES")
     if cfg.vram_backoff > cfg.vram_backoff_max:
         problems.append("VRAM_BACKOFF must be <= VRAM_BACKOFF_MAX")
     if cfg.comfyui_start:
@@ -194,6 +292,12 @@ def _consistency(cfg: Config) -> list[str]:
         if not Path(cfg.comfyui_dir, "main.py").is_file():
             problems.append(f"COMFYUI_DIR ({cfg.comfyui_dir}) has no main.py")
     return problems
+
+
+def _nested(a: str, b: str) -> bool:
+    """True when two folders are the same or one lies inside the other."""
+    common = os.path.commonpath([os.path.normpath(a), os.path.normpath(b)])
+    return common in (os.path.normpath(a), os.path.normpath(b))
 
 
 def _is_loopback(host: str) -> bool:

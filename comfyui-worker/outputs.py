@@ -24,12 +24,38 @@ log = logging.getLogger("comfyui_worker.outputs")
 TEXT_KINDS = ("text", "string", "strings")
 
 
+def _check_prefix(node_id: str, node: dict[str, Any], prefix: str) -> None:
+    """ComfyUI confines writes to its output folder, not to the job's folder inside it."""
+    why = None
+    if "\0" in prefix or "\\" in prefix:
+        why = "contains a NUL or a backslash"
+    elif prefix.startswith("/"):
+        why = "is an absolute path"
+    elif ".." in prefix.split("/"):
+        why = "has a '..' path segment"
+    if why:
+        raise JobFailure(
+            "invalid_job",
+            f"node {node_id} ({node.get('class_type')}) input 'filename_prefix': "
+            f"{prefix!r} {why}; a prefix may only name subfolders of the job's outputs",
+            {"node_id": str(node_id), "input": "filename_prefix"},
+        )
+
+
 def tag_workflow(workflow: dict[str, Any], job_id: str) -> dict[str, Any]:
     """A copy of the workflow whose string filename_prefix inputs start with `<job_id>/`."""
     tagged = dict(workflow)
     for node_id, node in workflow.items():
         inputs = node.get("inputs") if isinstance(node, dict) else None
-        if isinstance(inputs, dict) and isinstance(inputs.get("filename_prefix"), str):
+        if isinstance(inputs, dict) and "filename_prefix" in inputs:
+            if not isinstance(inputs["filename_prefix"], str):
+                raise JobFailure(
+                    "invalid_job",
+                    f"node {node_id} ({node.get('class_type')}) input 'filename_prefix' must be "
+                    "a literal string, not a link to another node's output",
+                    {"node_id": str(node_id), "input": "filename_prefix"},
+                )
+            _check_prefix(node_id, node, inputs["filename_prefix"])
             node = copy.copy(node)
             node["inputs"] = {**inputs, "filename_prefix": f"{job_id}/{inputs['filename_prefix']}"}
             tagged[node_id] = node
@@ -96,7 +122,36 @@ async def collect(
                 elif kind in TEXT_KINDS and isinstance(item, str):
                     listed.append(_write_text(str(node_id), kind, index, item, dest_dir))
     if comfy_output_dir:
+        listed += _collect_unlisted(os.path.join(comfy_output_dir, job_id), dest_dir)
         _remove_empty_tree(os.path.join(comfy_output_dir, job_id))
+    return listed
+
+
+def _collect_unlisted(job_output: str, dest_dir: str) -> list[dict[str, Any]]:
+    """Files the job wrote that ComfyUI did not report (model and LoRA savers report none)."""
+    listed = []
+    for current, _dirs, files in os.walk(job_output):
+        for name in sorted(files):
+            source = os.path.join(current, name)
+            if os.path.islink(source) or not os.path.isfile(source):
+                continue
+            rel_sub = os.path.relpath(current, job_output)
+            rel_sub = "" if rel_sub == "." else rel_sub.replace(os.sep, "/")
+            target_dir = os.path.join(dest_dir, rel_sub) if rel_sub else dest_dir
+            os.makedirs(target_dir, exist_ok=True)
+            target = _unique(os.path.join(target_dir, name))
+            shutil.move(source, target)
+            listed.append(
+                {
+                    "node_id": "",
+                    "kind": "files",
+                    "filename": os.path.basename(target),
+                    "subfolder": rel_sub,
+                    "type": "output",
+                    "path": target,
+                    "size": os.path.getsize(target),
+                }
+            )
     return listed
 
 
@@ -161,3 +216,41 @@ def _remove_empty_tree(path: str) -> None:
     for current, _dirs, _files in os.walk(path, topdown=False):
         with contextlib.suppress(OSError):
             os.rmdir(current)
+
+
+def enforce_caps(files: list[dict[str, Any]], max_file: int, max_job: int) -> None:
+    """JobFailure naming the cap when one output, or all of them together, are too large."""
+    total = 0
+    for item in files:
+        total += item["size"]
+        if item["size"] > max_file:
+            raise JobFailure(
+                "output_too_large",
+                f"output {item['filename']!r} of node {item['node_id']} is {item['size']} bytes, "
+                f"over OUTPUT_MAX_FILE_BYTES ({max_file})",
+            )
+    if total > max_job:
+        raise JobFailure(
+            "output_too_large",
+            f"the job's {len(files)} outputs are {total} bytes in all, "
+            f"over OUTPUT_MAX_JOB_BYTES ({max_job})",
+        )
+
+
+def published(files: list[dict[str, Any]], root: str) -> list[dict[str, Any]]:
+    """The result's list of outputs: each path relative to the outputs root, no host paths."""
+    listed = []
+    for item in files:
+        entry = dict(item)
+        entry["path"] = os.path.relpath(item["path"], root).replace(os.sep, "/")
+        listed.append(entry)
+    return listed
+
+
+def remove_tree(path: str, stop_at: str) -> None:
+    """Delete a job's folder, then its user folder when that is left empty."""
+    shutil.rmtree(path, ignore_errors=True)
+    parent = os.path.dirname(path)
+    if parent != stop_at:
+        with contextlib.suppress(OSError):
+            os.rmdir(parent)

@@ -19,7 +19,12 @@ from config import Config
 from logs import StateLog
 
 log = logging.getLogger("comfyui_worker.supervisor")
-SECRET_VARS = ("REDIS_PASSWORD", "REDIS_PASSWORD_FILE")
+SECRET_VARS = (
+    "REDIS_PASSWORD",
+    "REDIS_PASSWORD_FILE",
+    "FILE_EXCHANGE_TOKEN",
+    "FILE_EXCHANGE_TOKEN_FILE",
+)
 
 
 def comfyui_command(cfg: Config) -> list[str]:
@@ -30,7 +35,7 @@ def comfyui_command(cfg: Config) -> list[str]:
         "--output-directory",
         cfg.comfyui_output_dir or os.path.join(cfg.outputs_dir, ".comfyui"),
     ]
-    argv += ["--input-directory", cfg.inputs_dir]
+    argv += ["--input-directory", cfg.comfyui_inputs]
     if cfg.comfyui_extra_model_paths:
         argv += ["--extra-model-paths-config", cfg.comfyui_extra_model_paths]
     argv += list(cfg.comfyui_args)
@@ -56,7 +61,8 @@ class ComfyProcess:
         return env
 
     async def start(self) -> None:
-        for folder in (self.argv[self.argv.index("--output-directory") + 1], self.cfg.inputs_dir):
+        output_dir = self.argv[self.argv.index("--output-directory") + 1]
+        for folder in (output_dir, self.cfg.comfyui_inputs):
             os.makedirs(folder, exist_ok=True)
         await self._spawn()
         self._watcher = asyncio.create_task(self._watch(), name="comfyui-supervisor")

@@ -28,9 +28,13 @@ import logs
 import vram
 from comfy_client import ComfyClient, ComfyUnavailable, Outcome, execution_failure
 from config import Config, ConfigError
-from jobs import ClaimedJob, JobFailure, JobSource, SourceUnavailable, utc_now_iso, validate_job
+from delivery import Delivery, ExchangeDelivery, LocalDelivery
+from exchange import ExchangeClient
+from files import FileStages
+from inputs import ExchangeInputs, InputStager, LocalInputs
+from jobs import ClaimedJob, JobFailure, JobSource, SourceUnavailable, utc_now_iso
 from logs import StateLog, job_id_var
-from outputs import collect, job_dir, tag_workflow
+from pipeline import JobRun, Stage, drive
 from supervisor import ComfyProcess
 
 log = logging.getLogger("comfyui_worker")
@@ -73,6 +77,8 @@ class Worker:
         probe: vram.VramProbe,
         comfy_process: ComfyProcess | None = None,
         vram_table: list[tuple[str, int]] | None = None,
+        files: FileStages | None = None,
+        exchange: ExchangeClient | None = None,
     ) -> None:
         self.cfg = cfg
         self.source = source
@@ -80,6 +86,22 @@ class Worker:
         self.probe = probe
         self.comfy_process = comfy_process
         self.vram_table = vram_table or []
+        self.exchange = exchange
+        self.files = files or FileStages(
+            cfg,
+            InputStager(LocalInputs(cfg.inputs_dir), cfg.comfyui_inputs, 1 << 62),
+            LocalDelivery(),
+            comfy,
+        )
+        self.stages: list[Stage] = [
+            ("validate", self.files.validate),
+            ("admit", self._admit_stage),
+            ("stage inputs", self.files.stage_inputs),
+            ("run", self._run_prompt),
+            ("collect", self.files.collect),
+            ("deliver", self.files.deliver),
+            ("report", self._report_completed),
+        ]
         self.states = StateLog(log)
         self.stopping = asyncio.Event()
         self.state = "starting"
@@ -110,12 +132,26 @@ class Worker:
         self._stop_deadline = time.monotonic() + self.cfg.shutdown_grace
         self.stopping.set()
 
+    def stop_grace_over(self) -> bool:
+        return self._stop_deadline is not None and time.monotonic() >= self._stop_deadline
+
     async def run(self) -> None:
         """Start everything, recover orphaned jobs, then take jobs until asked to stop."""
+        removed = self.files.stager.remove_all()
+        if removed:
+            log.info("removed the input folders of %d earlier job(s)", len(removed))
+        keep_orphans = getattr(self.files.delivery, "keep_orphans", None)
+        for kept in keep_orphans() if keep_orphans else []:
+            log.warning(
+                "outputs of a job that an earlier run did not deliver are kept in %s",
+                self.cfg.host_path(kept),
+            )
         if self.comfy_process:
             await self.comfy_process.start()
         await self.source.start()
         await self.comfy.start()
+        if self.exchange:
+            await self.exchange.start()
         helpers = [
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
         ]
@@ -131,6 +167,8 @@ class Worker:
             await asyncio.wait(helpers, timeout=5)
             await self.comfy.close()
             await self.source.close()
+            if self.exchange:
+                await self.exchange.close()
             if self.comfy_process:
                 await self.comfy_process.stop()
             with contextlib.suppress(OSError):
@@ -185,6 +223,15 @@ class Worker:
                 await self._until_stopped(self.comfy.connected.wait(), self.cfg.backoff_max)
                 continue
             self._comfy_down_since = None
+            if self.files.extra_file_inputs is None:
+                # Which inputs name files must be known before any job is checked.
+                try:
+                    await self.files.discover()
+                except ComfyUnavailable as exc:
+                    log.warning("could not read ComfyUI's /object_info (%s); asking again", exc)
+                    self._set_state("waiting_for_comfyui")
+                    await self._sleep_or_stop(backoff.next())
+                    continue
             hold = self._hold_until - time.monotonic()
             if hold > 0:
                 self._set_state("vram_backoff")
@@ -235,54 +282,50 @@ class Worker:
         self._set_state("running")
         log.info("claimed job (user %s)", job.user_id)
         try:
-            await self._run(job)
+            await drive(self.stages, JobRun(job))
         except JobFailure as failure:
-            await self._report_failure(job, failure)
+            await self._report_failure(job, self.files.scrub(job, failure))
         except Exception as exc:  # a bug must fail one job, not the worker
             log.exception("internal error while running the job")
-            await self._report_failure(
-                job, JobFailure("internal", f"worker internal error: {type(exc).__name__}: {exc}")
-            )
+            failure = JobFailure("internal", f"worker internal error: {type(exc).__name__}: {exc}")
+            await self._report_failure(job, self.files.scrub(job, failure))
         finally:
             self.current = None
             if hasattr(self.source, "current_job_id"):
                 self.source.current_job_id = None  # type: ignore[attr-defined]
             job_id_var.reset(token)
 
-    async def _run(self, job: ClaimedJob) -> None:
-        validate_job(job, self.cfg.max_job_bytes)
-        if not await self._admit(job):
-            return
-        workflow = tag_workflow(job.workflow, job.id)
+    async def _admit_stage(self, run: JobRun) -> bool:
+        return await self._admit(run.job)
+
+    async def _run_prompt(self, run: JobRun) -> bool:
+        """Submit the prompt and see it to its end; False when it was stopped early."""
+        job = run.job
         while True:
             try:
-                await self.comfy.submit(workflow, job.prompt_id)
+                await self.comfy.submit(run.workflow, job.prompt_id)
                 log.debug("queued prompt %s in ComfyUI", job.prompt_id)
                 break
             except ComfyUnavailable as exc:
                 if await self._put_back(job, f"ComfyUI unreachable ({exc})"):
-                    return
+                    return False
                 await self._until_stopped(self.comfy.connected.wait(), self.cfg.backoff_max)
                 if self._deadline_passed(job):
                     raise JobFailure(
                         "comfyui", "ComfyUI stayed unreachable until the job timed out"
                     ) from exc
+
+        async def forget_history() -> None:
+            with contextlib.suppress(ComfyUnavailable):
+                await self.comfy.delete_history(job.prompt_id)
+
         try:
             outcome = await self._supervise(job)
         except _Stop as stop:
             await self._after_stop(job, stop)
-            return
+            return False
+        run.cleanups.append(forget_history)
         log.debug("prompt %s ended: %s", job.prompt_id, outcome.status)
-        try:
-            await self._finish(job, outcome)
-        finally:
-            with contextlib.suppress(ComfyUnavailable):
-                await self.comfy.delete_history(job.prompt_id)
-
-    def _deadline_passed(self, job: ClaimedJob) -> bool:
-        return time.monotonic() - job.claimed_at >= self.cfg.job_timeout
-
-    async def _finish(self, job: ClaimedJob, outcome: Outcome) -> None:
         if outcome.status == "error":
             failure = execution_failure(outcome.error or {})
             if failure.kind == "out_of_memory":
@@ -291,21 +334,22 @@ class Worker:
             raise failure
         if outcome.status == "interrupted":
             raise JobFailure("interrupted", "the prompt was interrupted in ComfyUI by someone else")
-        dest = job_dir(self.cfg.outputs_dir, job.user_id, job.id)
-        try:
-            files = await collect(
-                outcome.outputs, dest, job.id, self.comfy, self.cfg.comfyui_output_dir
-            )
-        except ComfyUnavailable as exc:
-            raise JobFailure("outputs", f"could not fetch outputs from ComfyUI: {exc}") from exc
-        except OSError as exc:
-            raise JobFailure("outputs", f"could not store outputs in {dest}: {exc}") from exc
+        run.outcome = outcome
+        return True
+
+    def _deadline_passed(self, job: ClaimedJob) -> bool:
+        return time.monotonic() - job.claimed_at >= self.cfg.job_timeout
+
+    async def _report_completed(self, run: JobRun) -> bool:
+        job, outcome = run.job, run.outcome
+        assert outcome is not None
         result = {
-            "outputs": files,
-            "output_dir": dest,
+            "outputs": self.files.published(run),
+            "output_dir": f"{job.user_id}/{job.id}",
             "prompt_id": job.prompt_id,
             "execution_ms": outcome.execution_ms,
             "duration_ms": round((time.monotonic() - job.claimed_at) * 1000, 1),
+            "stages_ms": run.timings_ms,
             "worker_id": self.cfg.worker_id,
             "comfyui_version": self.comfy.version,
         }
@@ -314,15 +358,16 @@ class Worker:
             self.counts["completed"] += 1
             log.info(
                 "completed: %d output(s) in %s, ComfyUI ran %s ms",
-                len(files),
-                dest,
+                len(run.files),
+                result["output_dir"],
                 None if outcome.execution_ms is None else round(outcome.execution_ms),
             )
         elif verdict == "cancelled":
             self.counts["cancelled"] += 1
-            log.info("finished, but the job was cancelled meanwhile; outputs kept in %s", dest)
+            log.info("finished, but the job was cancelled meanwhile")
         else:
             log.warning("finished, but the job is no longer ours to report (%s)", verdict)
+        return True
 
     async def _report_failure(self, job: ClaimedJob, failure: JobFailure) -> None:
         verdict = await self._persist(
@@ -638,14 +683,42 @@ def build(cfg: Config) -> Worker:
     except (OSError, ValueError) as exc:
         raise ConfigError([f"VRAM_MODEL_TABLE: {exc}"]) from exc
     process = ComfyProcess(cfg, states) if cfg.comfyui_start else None
-    worker = Worker(cfg, source, comfy, vram.VramProbe(cfg.gpu_index), process, table)
+    exchange = None
+    delivery: Delivery = LocalDelivery()
+    stager = InputStager(LocalInputs(cfg.inputs_dir), cfg.comfyui_inputs, cfg.input_max_job_bytes)
+    if cfg.output_delivery == "exchange":
+        exchange = ExchangeClient(cfg.exchange_url, cfg.exchange_token, cfg.exchange_timeout)
+        stager = InputStager(
+            ExchangeInputs(exchange, cfg.delivery_timeout, cfg.backoff_max),
+            cfg.comfyui_inputs,
+            cfg.input_max_job_bytes,
+        )
+        delivery = ExchangeDelivery(
+            exchange,
+            cfg.staging_dir,
+            cfg.delivery_timeout,
+            cfg.backoff_max,
+            cfg.output_retain,
+            cfg.output_verify == "checksum",
+            cfg.host_path,
+        )
+    files = FileStages(cfg, stager, delivery, comfy)
+    worker = Worker(
+        cfg, source, comfy, vram.VramProbe(cfg.gpu_index), process, table, files, exchange
+    )
     worker.states = states
+    if isinstance(delivery, ExchangeDelivery):
+        # A transfer gives up once a stop's grace has run out; the files are kept, not lost.
+        delivery.give_up = worker.stop_grace_over
+    if isinstance(stager.source, ExchangeInputs):
+        stager.source.give_up = worker.stop_grace_over
     return worker
 
 
 def _redacted(cfg: Config) -> dict[str, Any]:
     doc = dataclasses.asdict(cfg)
     doc["redis_password"] = "***" if cfg.redis_password else ""
+    doc["exchange_token"] = "***" if cfg.exchange_token else ""
     return doc
 
 
@@ -655,12 +728,14 @@ async def _amain(cfg: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.request_stop)
     log.info(
-        "starting: source=%s mode=%s comfyui=%s gpu=%d outputs=%s",
+        "starting: source=%s mode=%s comfyui=%s gpu=%d files=%s",
         cfg.queue_source,
         cfg.queue_mode,
         cfg.comfyui_url,
         cfg.gpu_index,
-        cfg.outputs_dir,
+        f"exchange {cfg.exchange_url}"
+        if cfg.output_delivery == "exchange"
+        else f"local {cfg.outputs_dir}",
     )
     if cfg.queue_source == "redis" and not cfg.redis_password:
         log.warning("REDIS_PASSWORD is empty; the platform's Redis requires one")

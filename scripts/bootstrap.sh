@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Brings a fresh Debian machine to the point where `make run` and `make test` work:
 # Debian's Docker engine (started in the background when no daemon answers), the tools
-# that build the simulated hosts, a local redis-server for the worker's tests, and the
-# project's Python virtual environment with pinned packages. Safe to run again.
+# that build the simulated hosts, a local redis-server for the worker's tests, nginx for the
+# file exchange's tests, and the project's Python virtual environment with pinned packages.
+# Safe to run again.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
 
-apt_packages=(docker.io debootstrap redis-server e2fsprogs util-linux iproute2 make)
+apt_packages=(docker.io debootstrap redis-server nginx e2fsprogs util-linux iproute2 make)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -77,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--user", default="demo", help="user_id of the job")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait")
     parser.add_argument(
-        "--host-outputs",
-        help="where the workers' /outputs is on the GPU host: print a summary, not the job JSON",
+        "--outputs-root",
+        help="the outputs folder participants see (the app server's): print a summary, "
+        "not the job JSON",
     )
     args = parser.parse_args(argv)
 
@@ -86,14 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     job_id = enqueue(client, json.loads(args.workflow.read_text()), args.user)
     print(f"queued job {job_id} for user {args.user}", file=sys.stderr)
     doc = wait(client, job_id, args.timeout)
-    if args.host_outputs:
-        print(summary(doc, args.host_outputs))
+    if args.outputs_root:
+        print(summary(doc, args.outputs_root))
     else:
         print(json.dumps(doc, indent=2, default=str))
     return 0 if doc.get("status") == "completed" else 1
 
 
-def summary(doc: dict[str, Any], host_outputs: str) -> str:
+def summary(doc: dict[str, Any], outputs_root: str) -> str:
     """A person's view of a finished job: status, timings, result, output paths."""
     result = doc.get("result") or {}
     lines = [
@@ -104,9 +105,8 @@ def summary(doc: dict[str, Any], host_outputs: str) -> str:
         lines.append(f"error: {doc['error']}")
     lines.append("result: " + json.dumps(result, indent=2))
     for out in result.get("outputs", []):
-        path = out["path"]
-        lines.append(f"output in the worker:   {path}")
-        lines.append(f"output on the GPU host: {host_outputs}{path.removeprefix('/outputs')}")
+        lines.append(f"output, for the participant: {out['path']}")
+        lines.append(f"output on the app server: {outputs_root.rstrip('/')}/{out['path']}")
     return "\n".join(lines)
 
 

@@ -127,7 +127,10 @@ class Rig:
             "COMFYUI_URL": url,
             "OUTPUTS_DIR": str(base / "outputs"),
             "COMFYUI_OUTPUT_DIR": str(base / "outputs" / ".comfyui"),
-            "INPUTS_DIR": str(base / "in"),
+            "OUTPUT_DELIVERY": "local",
+            "INPUTS_DIR": str(base / "participants"),
+            "COMFYUI_INPUT_DIR": str(base / "in"),
+            "STAGING_DIR": str(self.root / f"{name}-staging"),
             "HEALTH_FILE": str(self.root / f"{name}.health"),
             "LOG_LEVEL": "WARNING",
         }

@@ -12,8 +12,12 @@ tests/contract, and test modules importing "conftest" could get that one.
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
+import sys
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -88,7 +92,10 @@ def worker_env(redis_server: RedisServer, comfyui: ComfyServer, tmp_path: Path) 
             "COMFYUI_URL": comfyui.url,
             "OUTPUTS_DIR": str(comfyui.outputs_root),
             "COMFYUI_OUTPUT_DIR": str(comfyui.output_dir),
-            "INPUTS_DIR": str(comfyui.base_dir / "inputs"),
+            "OUTPUT_DELIVERY": "local",
+            "INPUTS_DIR": str(comfyui.base_dir / "participants"),
+            "COMFYUI_INPUT_DIR": str(comfyui.base_dir / "inputs"),
+            "STAGING_DIR": str(tmp_path / "staging"),
             "HEALTH_FILE": str(tmp_path / "health.json"),
             "HEALTH_INTERVAL": "0.2",
             "HEARTBEAT_INTERVAL": "0.5",
@@ -123,3 +130,70 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     yield start
     for proc in started:
         proc.stop()
+
+
+# The app server's file exchange as the role renders it (tests/exchange/exchange_helpers.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "exchange"))
+import exchange_helpers  # noqa: E402
+
+
+@dataclass
+class RunningExchange:
+    """The role's nginx on loopback, with the test's view of the app server's data folders."""
+
+    server: exchange_helpers.Exchange
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.server.address}:{self.server.port}"
+
+    @property
+    def token(self) -> str:
+        return self.server.token
+
+    @property
+    def inputs(self) -> Path:
+        return self.server.inputs
+
+    @property
+    def outputs(self) -> Path:
+        return self.server.outputs
+
+    @property
+    def access_log(self) -> Path:
+        return self.server.logs / "access.log"
+
+    def start(self) -> None:
+        exchange_helpers.start(self.server)
+
+    def stop(self) -> None:
+        exchange_helpers.stop(self.server)
+
+
+@pytest.fixture(scope="session")
+def _exchange_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningExchange]:
+    if not exchange_helpers.NGINX:
+        pytest.skip("nginx is not installed (apt-get install nginx)")
+    token = secrets.token_urlsafe(24)
+    server = exchange_helpers.prepare(
+        tmp_path_factory.mktemp("exchange"), "127.0.0.1", token, 1 << 30
+    )
+    running = RunningExchange(server)
+    running.start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def exchange(_exchange_server: RunningExchange) -> Iterator[RunningExchange]:
+    """The app server's exchange, running, with empty inputs and outputs folders."""
+    for folder in (_exchange_server.inputs, _exchange_server.outputs):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    (_exchange_server.inputs / "shared").mkdir()
+    yield _exchange_server
+    if (
+        _exchange_server.server.process is None
+        or _exchange_server.server.process.poll() is not None
+    ):
+        _exchange_server.start()

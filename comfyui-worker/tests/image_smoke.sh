@@ -69,7 +69,7 @@ redis_pid=$!
 
 mkdir -p "$work/data/outputs" "$work/data/inputs" "$work/data/models"
 chown -R 1000:1000 "$work/data"
-printf 'REDIS_HOST=127.0.0.1\nREDIS_PORT=%s\nREDIS_PASSWORD=%s\nWORKER_ID=smoke-1\n' \
+printf 'REDIS_HOST=127.0.0.1\nREDIS_PORT=%s\nREDIS_PASSWORD=%s\nWORKER_ID=smoke-1\nOUTPUT_DELIVERY=local\n' \
   "$port" "$password" >"$work/env"
 printf 'COMFYUI_URL=http://127.0.0.1:%s\nCOMFYUI_ARGS=--cpu\nQUEUE_POLL_INTERVAL=2\n' \
   "$comfy_port" >>"$work/env"

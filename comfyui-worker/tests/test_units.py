@@ -135,12 +135,14 @@ def test_rejection_description_lists_each_node() -> None:
     assert "node 4 (CheckpointLoaderSimple): value_not_in_list" in text
 
 
-def test_tag_workflow_prefixes_only_string_prefixes() -> None:
-    wf = {**WF, "3": {"class_type": "SaveImage", "inputs": {"filename_prefix": ["7", 0]}}}
-    tagged = tag_workflow(wf, "j1")
+def test_tag_workflow_prefixes_string_prefixes_and_refuses_links() -> None:
+    tagged = tag_workflow(WF, "j1")
     assert tagged["2"]["inputs"]["filename_prefix"] == "j1/x/y"
-    assert tagged["3"]["inputs"]["filename_prefix"] == ["7", 0]
     assert WF["2"]["inputs"]["filename_prefix"] == "x/y"  # original untouched
+    # A prefix from another node's output could not be checked or tagged before the run.
+    wf = {**WF, "3": {"class_type": "SaveImage", "inputs": {"filename_prefix": ["7", 0]}}}
+    with pytest.raises(JobFailure, match="literal string"):
+        tag_workflow(wf, "j1")
 
 
 @pytest.mark.parametrize(

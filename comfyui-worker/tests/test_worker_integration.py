@@ -59,10 +59,10 @@ def test_job_completes_with_outputs_in_user_folder(r, comfyui, worker_env, start
     assert doc["started_at"] and doc["completed_at"] and doc["error"] is None
     result = doc["result"]
     [output] = result["outputs"]
-    expected_dir = comfyui.outputs_root / "alice" / job_id
-    assert Path(output["path"]).parent == expected_dir
-    assert Path(output["path"]).read_bytes().startswith(b"\x89PNG")
-    assert result["output_dir"] == str(expected_dir)
+    # Paths relative to the outputs root: the result names no folder of the host.
+    assert output["path"] == f"alice/{job_id}/{output['filename']}"
+    assert (comfyui.outputs_root / output["path"]).read_bytes().startswith(b"\x89PNG")
+    assert result["output_dir"] == f"alice/{job_id}"
     assert result["comfyui_version"] and result["execution_ms"] is not None
     # Every key in the contract's shape.
     assert r.zscore("queue:completed", job_id) is not None
@@ -90,8 +90,8 @@ def test_identical_workflows_each_get_their_own_files(r, comfyui, worker_env, st
     first = wait_job(r, submit(r, image_workflow(color=0x123456)))
     second = wait_job(r, submit(r, image_workflow(color=0x123456)))
     assert first["status"] == second["status"] == "completed"
-    path1 = Path(first["result"]["outputs"][0]["path"])
-    path2 = Path(second["result"]["outputs"][0]["path"])
+    path1 = comfyui.outputs_root / first["result"]["outputs"][0]["path"]
+    path2 = comfyui.outputs_root / second["result"]["outputs"][0]["path"]
     assert path1 != path2 and path1.is_file() and path2.is_file()
 
 
@@ -185,7 +185,7 @@ def test_prompt_ignoring_interrupt_gets_comfyui_restarted(r, worker_env, start_w
         COMFYUI_ARGS="--cpu",
         OUTPUTS_DIR=str(managed.outputs_root),
         COMFYUI_OUTPUT_DIR=str(managed.output_dir),
-        INPUTS_DIR=str(managed.base_dir / "inputs"),
+        COMFYUI_INPUT_DIR=str(managed.base_dir / "inputs"),
         WORKER_JOB_TIMEOUT="1.5",
         COMFYUI_TIMEOUT="1",
         WORKER_INTERRUPT_GRACE="1",
@@ -520,7 +520,7 @@ def test_http_source_reports_with_correct_bodies(comfyui, worker_env, start_work
     wait_for(lambda: reports, 20, "a report to the queue-manager")
     kind, body = reports[0]
     assert kind == "complete", body
-    assert Path(body["result"]["outputs"][0]["path"]).parent.name == "j-1"
+    assert Path(body["result"]["outputs"][0]["path"]).parent.name == "j-1"  # relative path
     pending.append({"id": "j-2", "user_id": "../bob", "workflow": image_workflow()})
     wait_for(lambda: len(reports) == 2, 20, "the failure report")
     assert reports[1][0] == "fail" and "safe path segment" in reports[1][1]["error"]

@@ -69,19 +69,19 @@ def inspect(host, name: str) -> dict:
 
 
 def container_address(name: str) -> str:
-    """A simulated host's address on its scenario's network."""
+    """A simulated host's address on its scenario's main network (the first, by name)."""
     return subprocess.run(
         [
             "docker",
             "inspect",
             "--format",
-            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
             name,
         ],
         capture_output=True,
         text=True,
         check=True,
-    ).stdout.strip()
+    ).stdout.split()[0]
 
 
 def redis_password() -> str:

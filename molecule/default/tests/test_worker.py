@@ -1,5 +1,5 @@
 """The deployed workers: healthy, configured from group_vars, and completing a real job
-pushed into the app server's queue, with its output on the scratch disk."""
+pushed into the app server's queue, with its output delivered to the app server."""
 
 from __future__ import annotations
 
@@ -52,20 +52,22 @@ def test_redis_answers_from_inside_worker_1(gpu_host):
     assert out == "True"
 
 
-def test_a_queued_job_completes_with_its_output_on_the_scratch_disk(gpu_host, redis_client):
+def test_a_queued_job_completes_with_its_output_on_the_app_server(gpu_host, app_host, redis_client):
     workflow = json.loads((REPO / "data/workflows/empty-image.json").read_text())
     job_id = submit_job.enqueue(redis_client, workflow, "molecule-user")
     doc = submit_job.wait(redis_client, job_id, timeout=120)
     assert doc["status"] == "completed", doc
     assert doc["worker_id"] in ("verda-sim-worker-1", "verda-sim-worker-2")
     [output] = doc["result"]["outputs"]
-    assert output["path"].startswith(f"/outputs/molecule-user/{job_id}/")
-    on_disk = "/mnt/scratch/outputs" + output["path"].removeprefix("/outputs")
-    png = gpu_host.file(on_disk)
+    assert output["path"] == f"molecule-user/{job_id}/{output['filename']}"
+    png = app_host.file(f"/home/dev/comfyume/data/outputs/{output['path']}")
     assert png.exists
     assert png.size == output["size"]
-    assert png.user == "dev"
+    assert png.sha256sum == output["sha256"]
     assert redis_client.zscore("queue:completed", job_id) is not None
+    # Delivered, so nothing of it stays on the GPU host.
+    left = gpu_host.run(f"find /mnt/scratch -path '*{job_id}*'").stdout.strip()
+    assert left == ""
 
 
 def test_second_converge_leaves_the_workers_untouched(gpu_host):
