@@ -131,24 +131,8 @@ class Config:
         """Read and validate; raises ConfigError listing every bad variable at once."""
         reader = _Reader(os.environ if env is None else env)
         d = cls()
-        password = reader.str("REDIS_PASSWORD", "")
-        password_file = reader.str("REDIS_PASSWORD_FILE", "")
-        if password_file and not password:
-            try:
-                password = Path(password_file).read_text().strip()
-            except OSError as exc:
-                reader.problem(
-                    "REDIS_PASSWORD_FILE", f"cannot read {password_file}: {exc.strerror}"
-                )
-        token = reader.str("FILE_EXCHANGE_TOKEN", "")
-        token_file = reader.str("FILE_EXCHANGE_TOKEN_FILE", "")
-        if token_file and not token:
-            try:
-                token = Path(token_file).read_text().strip()
-            except OSError as exc:
-                reader.problem(
-                    "FILE_EXCHANGE_TOKEN_FILE", f"cannot read {token_file}: {exc.strerror}"
-                )
+        password = reader.secret("REDIS_PASSWORD")
+        token = reader.secret("FILE_EXCHANGE_TOKEN")
         cfg = cls(
             worker_id=reader.match(
                 "WORKER_ID", d.worker_id, WORKER_ID_RE, "1-64 of A-Z a-z 0-9 _ . -"
@@ -323,6 +307,17 @@ class _Reader:
     def str(self, name: str, default: str) -> str:
         value = self.env.get(name)
         return default if value is None else value.strip()
+
+    def secret(self, name: str) -> str:
+        """NAME, or else the contents of the file that NAME_FILE names."""
+        value = self.str(name, "")
+        path = self.str(f"{name}_FILE", "")
+        if path and not value:
+            try:
+                value = Path(path).read_text().strip()
+            except OSError as exc:
+                self.problem(f"{name}_FILE", f"cannot read {path}: {exc.strerror}")
+        return value
 
     def raw(self, name: str) -> str | None:
         value = self.env.get(name)

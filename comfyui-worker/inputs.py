@@ -101,6 +101,12 @@ class InputRef:
     def where(self) -> str:
         return f"node {self.node_id} ({self.class_type}) input {self.input!r}"
 
+    def failure(self, kind: str, why: str) -> JobFailure:
+        """The job's failure, naming this node and input."""
+        return JobFailure(
+            kind, f"{self.where()}: {why}", {"node_id": self.node_id, "input": self.input}
+        )
+
 
 def parse_name(value: Any) -> tuple[str, str]:
     """(area, name) of a file input's value; ValueError saying why it is refused."""
@@ -258,33 +264,29 @@ class InputStager:
                 fetched[ref.local] = await self.source.fetch(ref.remote(user_id), dest, budget)
             except FileNotFoundError:
                 where = "the workshop's shared inputs" if ref.area == SHARED else "your uploads"
-                raise JobFailure(
+                raise ref.failure(
                     "input_missing",
-                    f"{ref.where()}: {ref.value!r} is not among {where} on the app server "
+                    f"{ref.value!r} is not among {where} on the app server "
                     f"(inputs/{ref.remote(user_id)})",
-                    {"node_id": ref.node_id, "input": ref.input},
                 ) from None
             except InputTooLarge:
-                raise JobFailure(
+                raise ref.failure(
                     "input_too_large",
-                    f"{ref.where()}: the job's inputs exceed INPUT_MAX_JOB_BYTES "
-                    f"({self.max_job_bytes} bytes) with {ref.value!r}",
-                    {"node_id": ref.node_id, "input": ref.input},
+                    f"the job's inputs exceed INPUT_MAX_JOB_BYTES ({self.max_job_bytes} bytes) "
+                    f"with {ref.value!r}",
                 ) from None
             except ExchangeUnavailable as exc:
-                raise JobFailure(
+                raise ref.failure(
                     "inputs",
-                    f"{ref.where()}: could not fetch {ref.value!r} from the app server's "
-                    f"file exchange: {exc}",
+                    f"could not fetch {ref.value!r} from the app server's file exchange: {exc}",
                 ) from exc
             except ExchangeRefused as exc:
-                raise JobFailure("inputs", f"{ref.where()}: {exc}") from exc
+                raise ref.failure("inputs", str(exc)) from exc
             except OSError as exc:  # e.g. `a` and `a/b` in one job, or a name too long
-                raise JobFailure(
+                raise ref.failure(
                     "invalid_input",
-                    f"{ref.where()}: {ref.value!r} cannot be staged beside the job's other "
-                    f"inputs ({exc.strerror})",
-                    {"node_id": ref.node_id, "input": ref.input},
+                    f"{ref.value!r} cannot be staged beside the job's other inputs "
+                    f"({exc.strerror})",
                 ) from None
         return sum(fetched.values())
 

@@ -12,29 +12,13 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-import zlib
 from pathlib import Path
 
 import pytest
-from worker_testlib import COMFYUI_KINDS, image_workflow, submit, wait_for, wait_job
+from worker_testlib import COMFYUI_KINDS, image_workflow, png, submit, wait_for, wait_job
 
 pytestmark = pytest.mark.integration
 both = pytest.mark.parametrize("comfyui_kind", COMFYUI_KINDS)
-
-
-def png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    rows = b"".join(b"\0" + bytes(rgb) * width for _ in range(height))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(rows))
-        + chunk(b"IEND", b"")
-    )
 
 
 def load_and_save(image: str, prefix: str = "p") -> dict:

@@ -16,11 +16,13 @@ import secrets
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.request
 import uuid
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -278,6 +280,23 @@ COMFYUI_KINDS = [
 
 
 # -- jobs -------------------------------------------------------------------------------------
+
+
+def png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
+    """A real 8-bit RGB PNG of one colour, as a participant's upload would be."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    rows = b"".join(b"\0" + bytes(rgb) * width for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
 def image_workflow(prefix: str = "ComfyUI", color: int = 0) -> dict[str, Any]:

@@ -6,34 +6,18 @@ from __future__ import annotations
 
 import base64
 import json
-import struct
+import sys
 import time
-import zlib
 
 import pytest
 import submit_job
-from conftest import inspect
+from conftest import REPO, inspect
+
+sys.path.insert(0, str(REPO / "comfyui-worker" / "tests"))
+from worker_testlib import png  # a real PNG, as a frontend upload is
 
 APP_DATA = "/home/dev/comfyume/data"
 PORT = 8288
-
-
-def png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
-    """A real 8-bit RGB PNG, as a frontend upload would be."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    rows = b"".join(b"\0" + bytes(rgb) * width for _ in range(height))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(rows))
-        + chunk(b"IEND", b"")
-    )
 
 
 def upload(app_host, path: str, data: bytes) -> None:
