@@ -74,6 +74,8 @@ class FileStages:
     async def collect(self, run: JobRun) -> bool:
         job, outcome = run.job, run.outcome
         assert outcome is not None
+        if run.inputs:
+            self.stager.remove(job.id)  # ComfyUI is done with them: gone before "completed"
         root = self.cfg.collect_root
         run.folder = job_dir(root, job.user_id, job.id)
         try:
