@@ -31,12 +31,18 @@ class Delivery(Protocol):
     async def deliver(self, user_id: str, job_id: str, folder: str, files: list[dict[str, Any]]):
         """Make the files visible to the participant; adds `sha256` to each entry."""
 
+    def keep_orphans(self) -> list[str]:
+        """At start: keep outputs a killed run left in transit; returns where they went."""
+
 
 class LocalDelivery:
     """The outputs folder is the app server's (a single host): the files are already there."""
 
     async def deliver(self, user_id: str, job_id: str, folder: str, files: list[dict[str, Any]]):
         return None
+
+    def keep_orphans(self) -> list[str]:
+        return []  # nothing is in transit: the files are written where they stay
 
 
 class ExchangeDelivery:

@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from comfy_client import ComfyClient, ComfyUnavailable
 from config import Config
-from delivery import Delivery
-from inputs import InputStager, file_inputs_from_object_info, find_inputs, rewrite
+from delivery import Delivery, ExchangeDelivery, LocalDelivery
+from exchange import ExchangeClient
+from inputs import (
+    ExchangeInputs,
+    InputStager,
+    LocalInputs,
+    file_inputs_from_object_info,
+    find_inputs,
+    rewrite,
+)
 from jobs import ClaimedJob, JobFailure, validate_job
 from outputs import collect, enforce_caps, job_dir, published, remove_tree, tag_workflow
 from pipeline import JobRun, scrub
@@ -26,6 +34,40 @@ log = logging.getLogger("comfyui_worker.files")
 
 class FileStages:
     """The file stages of the pipeline, wired to one input source and one delivery."""
+
+    @classmethod
+    def from_config(
+        cls, cfg: Config, comfy: ComfyClient
+    ) -> tuple[FileStages, ExchangeClient | None]:
+        """The stages OUTPUT_DELIVERY asks for, and the exchange client they share (if any)."""
+        if cfg.output_delivery != "exchange":
+            stager = InputStager(
+                LocalInputs(cfg.inputs_dir), cfg.comfyui_inputs, cfg.input_max_job_bytes
+            )
+            return cls(cfg, stager, LocalDelivery(), comfy), None
+        exchange = ExchangeClient(cfg.exchange_url, cfg.exchange_token, cfg.exchange_timeout)
+        stager = InputStager(
+            ExchangeInputs(exchange, cfg.delivery_timeout, cfg.backoff_max),
+            cfg.comfyui_inputs,
+            cfg.input_max_job_bytes,
+        )
+        delivery = ExchangeDelivery(
+            exchange,
+            cfg.staging_dir,
+            cfg.delivery_timeout,
+            cfg.backoff_max,
+            cfg.output_retain,
+            cfg.output_verify == "checksum",
+            cfg.host_path,
+        )
+        return cls(cfg, stager, delivery, comfy), exchange
+
+    def give_up_when(self, give_up: Callable[[], bool]) -> None:
+        """Transfers that keep failing stop retrying once `give_up` says so (a stopping worker)."""
+        if isinstance(self.delivery, ExchangeDelivery):
+            self.delivery.give_up = give_up
+        if isinstance(self.stager.source, ExchangeInputs):
+            self.stager.source.give_up = give_up
 
     def __init__(
         self,

@@ -28,10 +28,8 @@ import logs
 import vram
 from comfy_client import ComfyClient, ComfyUnavailable, Outcome, execution_failure
 from config import Config, ConfigError
-from delivery import Delivery, ExchangeDelivery, LocalDelivery
 from exchange import ExchangeClient
 from files import FileStages
-from inputs import ExchangeInputs, InputStager, LocalInputs
 from jobs import ClaimedJob, JobFailure, JobSource, SourceUnavailable, utc_now_iso
 from logs import StateLog, job_id_var
 from pipeline import JobRun, Stage, drive
@@ -86,13 +84,12 @@ class Worker:
         self.probe = probe
         self.comfy_process = comfy_process
         self.vram_table = vram_table or []
+        if files is None:
+            files, exchange = FileStages.from_config(cfg, comfy)
+        self.files = files
         self.exchange = exchange
-        self.files = files or FileStages(
-            cfg,
-            InputStager(LocalInputs(cfg.inputs_dir), cfg.comfyui_inputs, 1 << 62),
-            LocalDelivery(),
-            comfy,
-        )
+        # A transfer gives up once a stop's grace has run out; its files are kept, not lost.
+        self.files.give_up_when(self.stop_grace_over)
         self.stages: list[Stage] = [
             ("validate", self.files.validate),
             ("admit", self._admit_stage),
@@ -140,8 +137,7 @@ class Worker:
         removed = self.files.stager.remove_all()
         if removed:
             log.info("removed the input folders of %d earlier job(s)", len(removed))
-        keep_orphans = getattr(self.files.delivery, "keep_orphans", None)
-        for kept in keep_orphans() if keep_orphans else []:
+        for kept in self.files.delivery.keep_orphans():
             log.warning(
                 "outputs of a job that an earlier run did not deliver are kept in %s",
                 self.cfg.host_path(kept),
@@ -683,35 +679,8 @@ def build(cfg: Config) -> Worker:
     except (OSError, ValueError) as exc:
         raise ConfigError([f"VRAM_MODEL_TABLE: {exc}"]) from exc
     process = ComfyProcess(cfg, states) if cfg.comfyui_start else None
-    exchange = None
-    delivery: Delivery = LocalDelivery()
-    stager = InputStager(LocalInputs(cfg.inputs_dir), cfg.comfyui_inputs, cfg.input_max_job_bytes)
-    if cfg.output_delivery == "exchange":
-        exchange = ExchangeClient(cfg.exchange_url, cfg.exchange_token, cfg.exchange_timeout)
-        stager = InputStager(
-            ExchangeInputs(exchange, cfg.delivery_timeout, cfg.backoff_max),
-            cfg.comfyui_inputs,
-            cfg.input_max_job_bytes,
-        )
-        delivery = ExchangeDelivery(
-            exchange,
-            cfg.staging_dir,
-            cfg.delivery_timeout,
-            cfg.backoff_max,
-            cfg.output_retain,
-            cfg.output_verify == "checksum",
-            cfg.host_path,
-        )
-    files = FileStages(cfg, stager, delivery, comfy)
-    worker = Worker(
-        cfg, source, comfy, vram.VramProbe(cfg.gpu_index), process, table, files, exchange
-    )
+    worker = Worker(cfg, source, comfy, vram.VramProbe(cfg.gpu_index), process, table)
     worker.states = states
-    if isinstance(delivery, ExchangeDelivery):
-        # A transfer gives up once a stop's grace has run out; the files are kept, not lost.
-        delivery.give_up = worker.stop_grace_over
-    if isinstance(stager.source, ExchangeInputs):
-        stager.source.give_up = worker.stop_grace_over
     return worker
 
 
