@@ -6,7 +6,9 @@
 Everything that reads or decides lives in plain functions that take the NVML module
 object or the text ``nvidia-smi`` printed, so the tests can drive them with a fake NVML
 and with outputs recorded on real machines. The file is self-contained because Ansible
-ships it alone to the target; the target side must run on Python 3.8.
+ships it alone to the target; the target side must run on Python 3.10, the oldest Python of
+the hosts it is for (Ubuntu 22.04's): ruff lints it for that version (pyproject.toml) and the
+tests run it there, on both backends (tests/vram_module/test_python_floor.py).
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ notes:
   - When C(nvidia-smi) does not print C(memory.free), free is derived as total - used - reserved.
   - NVML reads take about 0.1 ms where an C(nvidia-smi) subprocess takes tens of milliseconds.
 requirements:
+  - Python 3.10 or later on the target.
   - An NVIDIA driver on the target; C(nvidia-ml-py) on the target's Python for the NVML backend.
 """
 

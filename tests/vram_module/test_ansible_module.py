@@ -215,10 +215,6 @@ def test_return_documents_every_gpu_key(gv):
     )
 
 
-def test_target_side_code_parses_as_python_3_8():
-    ast.parse(MODULE_PATH.read_text(), feature_version=(3, 8))
-
-
 def test_imports_are_stdlib_ansible_or_pynvml():
     tree = ast.parse(MODULE_PATH.read_text())
     roots = set()
