@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,10 @@ from logs import StateLog
 
 log = logging.getLogger("comfyui_worker.comfy")
 
+# The websocket is retried after 50 ms, doubling to BACKOFF_MAX; the delay starts over only
+# after a connection that stayed up this long.
+WS_FIRST_RETRY = 0.05
+WS_STABLE_AFTER = 5.0
 OOM_MARKERS = ("OutOfMemoryError", "out of memory", "Allocation on device")
 
 
@@ -70,6 +75,7 @@ class ComfyClient:
         self._session: aiohttp.ClientSession | None = None
         self._ws_task: asyncio.Task[None] | None = None
         self._watches: dict[str, _Watch] = {}
+        self.reconnects = 0
 
     async def start(self) -> None:
         """Open the HTTP session and start the websocket loop (which reconnects on its own)."""
@@ -90,14 +96,15 @@ class ComfyClient:
     async def _ws_loop(self) -> None:
         assert self._session is not None
         url = self.base.replace("http", "ws", 1) + f"/ws?clientId={self.client_id}"
-        delay = 0.05
+        delay = WS_FIRST_RETRY
         while True:
+            connected_at = None
             try:
                 async with self._session.ws_connect(
                     url, heartbeat=30, max_msg_size=64 * 1024 * 1024, timeout=10
                 ) as ws:
+                    connected_at = time.monotonic()
                     await self._on_connect()
-                    delay = 0.05
                     async for msg in ws:
                         if msg.type == aiohttp.WSMsgType.TEXT:
                             self._on_message(msg.data)
@@ -111,6 +118,11 @@ class ComfyClient:
             self.connected.clear()
             self.states.set("comfyui", "down", reason, logging.WARNING)
             self._poke_all()
+            # Back to quick retries only after a connection that held: a ComfyUI that accepts
+            # and drops the websocket at once is retried with growing delays, not in a loop.
+            if connected_at is not None and time.monotonic() - connected_at >= WS_STABLE_AFTER:
+                delay = WS_FIRST_RETRY
+            self.reconnects += 1
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.backoff_max)
 
@@ -171,8 +183,15 @@ class ComfyClient:
 
     # -- HTTP ------------------------------------------------------------------------------
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+    async def _request(
+        self, method: str, path: str, timeout: float | None = None, **kwargs: Any
+    ) -> tuple[int, Any]:
+        """One HTTP call; `timeout` bounds it below COMFYUI_TIMEOUT (the stop path's calls)."""
         assert self._session is not None, "start() first"
+        if timeout is not None:
+            if timeout <= 0:
+                raise ComfyUnavailable("no time left for the call")
+            kwargs["timeout"] = aiohttp.ClientTimeout(total=timeout)
         try:
             async with self._session.request(method, self.base + path, **kwargs) as resp:
                 body = await resp.read()
@@ -281,18 +300,28 @@ class ComfyClient:
                     "ComfyUI has no record of the prompt any more (it restarted mid-job)",
                 )
 
-    async def interrupt(self, prompt_id: str) -> None:
-        """Cooperative stop of a running prompt; also drops it if it is still queued."""
+    async def interrupt(self, prompt_id: str, timeout: float | None = None) -> None:
+        """Cooperative stop of a running prompt; also drops it if it is still queued.
+
+        With `timeout`, both calls together take at most that many seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def left() -> float | None:
+            return None if deadline is None else deadline - time.monotonic()
+
         with contextlib.suppress(ComfyUnavailable):
-            await self._request("POST", "/queue", json={"delete": [prompt_id]})
-        await self._request("POST", "/interrupt", json={"prompt_id": prompt_id})
+            await self._request("POST", "/queue", left(), json={"delete": [prompt_id]})
+        await self._request("POST", "/interrupt", left(), json={"prompt_id": prompt_id})
 
-    async def free(self) -> None:
+    async def free(self, timeout: float | None = None) -> None:
         """Ask ComfyUI to unload models and empty torch's cache (acts asynchronously)."""
-        await self._request("POST", "/free", json={"unload_models": True, "free_memory": True})
+        await self._request(
+            "POST", "/free", timeout, json={"unload_models": True, "free_memory": True}
+        )
 
-    async def delete_history(self, prompt_id: str) -> None:
-        await self._request("POST", "/history", json={"delete": [prompt_id]})
+    async def delete_history(self, prompt_id: str, timeout: float | None = None) -> None:
+        await self._request("POST", "/history", timeout, json={"delete": [prompt_id]})
 
     async def download(self, filename: str, subfolder: str, kind: str, dest: str) -> int:
         """Fetch a file through /view (used when ComfyUI's output folder is not local)."""

@@ -212,3 +212,6 @@ class JobSource(Protocol):
 
     def cancel_hint(self) -> Any:
         """An asyncio.Event set when an event suggests a cancellation check is due."""
+
+    def helpers(self) -> list[Any]:
+        """The source's own long-running asyncio tasks (none for some sources)."""

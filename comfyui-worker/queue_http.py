@@ -34,6 +34,9 @@ class HttpJobSource:
         self._session: aiohttp.ClientSession | None = None
         self._cancel_hint = asyncio.Event()
 
+    def helpers(self) -> list[asyncio.Task[None]]:
+        return []
+
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.cfg.queue_manager_timeout)

@@ -32,6 +32,7 @@ from logs import StateLog
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
+from tasks import keep_running
 
 log = logging.getLogger("comfyui_worker.redis")
 
@@ -114,7 +115,14 @@ class RedisJobSource:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._listener = asyncio.create_task(self._listen(), name="redis-listener")
+        self._listener = asyncio.create_task(
+            keep_running("redis listener", self._listen, backoff_max=self.cfg.backoff_max),
+            name="redis-listener",
+        )
+
+    def helpers(self) -> list[asyncio.Task[None]]:
+        """This source's long-running tasks, watched by the worker like its own."""
+        return [self._listener] if self._listener else []
 
     async def close(self) -> None:
         """Stop the listener between reads (never mid-command), then close the pool."""

@@ -4,12 +4,19 @@ The worker is the one process that knows when ComfyUI must be restarted: a promp
 an interrupt can only be ended by restarting ComfyUI. A ComfyUI that dies by itself is restarted
 with capped backoff. ComfyUI runs in its own process group, with the worker's secrets removed
 from its environment, and is stopped when the worker exits.
+
+Outside a container (plain-process mode) a worker killed with SIGKILL cannot stop its ComfyUI,
+so ComfyUI is started with a parent-death signal (Linux `PR_SET_PDEATHSIG`): the kernel kills it
+when the worker dies. Its pid is also written beside the health file; at start, a ComfyUI that
+an earlier run of this worker left on the port is stopped before a new one is started.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import json
 import logging
 import os
 import signal
@@ -42,6 +49,25 @@ def comfyui_command(cfg: Config) -> list[str]:
     return argv
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> None:
+    """Runs in the child between fork and exec: SIGKILL it when the worker dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the worker died before the signal was armed
+        os._exit(1)
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return [part.decode(errors="replace") for part in fh.read().split(b"\0") if part]
+    except OSError:
+        return []
+
+
 class ComfyProcess:
     """Starts, watches, stops and restarts one ComfyUI process."""
 
@@ -54,6 +80,7 @@ class ComfyProcess:
         self._stopping = False
         self._watcher: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self.pid_file = f"{cfg.health_file}.comfyui-pid"
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in SECRET_VARS}
@@ -64,18 +91,63 @@ class ComfyProcess:
         output_dir = self.argv[self.argv.index("--output-directory") + 1]
         for folder in (output_dir, self.cfg.comfyui_inputs):
             os.makedirs(folder, exist_ok=True)
+        await self._stop_leftover()
         await self._spawn()
         self._watcher = asyncio.create_task(self._watch(), name="comfyui-supervisor")
 
     async def _spawn(self) -> None:
+        parent = os.getpid()
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv,
             cwd=self.cfg.comfyui_dir,
             env=self._env(),
             stdin=asyncio.subprocess.DEVNULL,
             start_new_session=True,
+            # prctl only in the child: no locks, no allocation that could deadlock after fork
+            preexec_fn=lambda: _die_with(parent),
         )
+        self._record(self.proc.pid)
         log.info("started ComfyUI (pid %s): %s", self.proc.pid, " ".join(self.argv[1:]))
+
+    def _record(self, pid: int | None) -> None:
+        try:
+            if pid is None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.pid_file)
+                return
+            tmp = f"{self.pid_file}.tmp"
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump({"pid": pid, "argv": self.argv}, fh)
+            os.replace(tmp, self.pid_file)
+        except OSError as exc:
+            log.warning("cannot record ComfyUI's pid in %s: %s", self.pid_file, exc)
+
+    def leftover(self) -> int | None:
+        """The pid of a ComfyUI an earlier run of this worker started and left running."""
+        try:
+            with open(self.pid_file, encoding="utf-8") as fh:
+                doc = json.load(fh)
+            pid = int(doc["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        # Only the very command line this worker runs: a recycled pid is someone else's.
+        return pid if pid > 1 and _cmdline(pid) == list(doc.get("argv") or []) else None
+
+    async def _stop_leftover(self) -> None:
+        pid = self.leftover()
+        if pid is None:
+            return
+        log.warning("stopping ComfyUI (pid %d) left running by an earlier run of this worker", pid)
+        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, sig)
+                os.kill(pid, signal.SIGCONT)
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and _cmdline(pid):
+                await asyncio.sleep(0.1)
+            if not _cmdline(pid):
+                break
+        self._record(None)
 
     async def _watch(self) -> None:
         """Restart ComfyUI if it exits on its own; back off when it keeps dying."""
@@ -105,6 +177,7 @@ class ComfyProcess:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGCONT)  # a stopped (frozen) ComfyUI acts on it too
         try:
             await asyncio.wait_for(proc.wait(), grace)
         except asyncio.TimeoutError:
@@ -126,6 +199,7 @@ class ComfyProcess:
         async with self._lock:
             self._stopping = True
             await self._terminate(grace)
+            self._record(None)
         if self._watcher:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)

@@ -34,8 +34,16 @@ from jobs import ClaimedJob, JobFailure, JobSource, SourceUnavailable, utc_now_i
 from logs import StateLog, job_id_var
 from pipeline import JobRun, Stage, drive
 from supervisor import ComfyProcess
+from tasks import HelperFailed, keep_running
 
 log = logging.getLogger("comfyui_worker")
+
+# After a second stop signal, ComfyUI gets this long to honour the interrupt.
+FORCED_GRACE = 1.0
+# A ComfyUI restarted because it ignored an interrupt gets this long to exit on SIGTERM.
+RESTART_GRACE = 5.0
+# The calls made once a prompt has stopped (or was given up on) are bounded by this.
+AFTER_STOP_CALL_TIMEOUT = 2.0
 
 
 class _Stop(Exception):
@@ -101,6 +109,10 @@ class Worker:
         ]
         self.states = StateLog(log)
         self.stopping = asyncio.Event()
+        # Set by a second stop signal: every wait of the current job ends now.
+        self.forced = asyncio.Event()
+        # Why the worker stopped by itself (a helper that kept failing); the exit code is 1.
+        self.fatal: str | None = None
         self.state = "starting"
         self.current: ClaimedJob | None = None
         self.counts = {"completed": 0, "failed": 0, "cancelled": 0, "requeued": 0}
@@ -118,6 +130,7 @@ class Worker:
         """First SIGTERM: finish the current job within WORKER_SHUTDOWN_GRACE; second: now."""
         if self.stopping.is_set():
             self._stop_deadline = time.monotonic()
+            self.forced.set()
             log.warning("second stop signal: giving up the current job now")
             return
         log.info(
@@ -148,12 +161,16 @@ class Worker:
         await self.comfy.start()
         if self.exchange:
             await self.exchange.start()
-        helpers = [
-            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
-        ]
         main = asyncio.create_task(self._main_loop(), name="main-loop")
-        helpers.append(asyncio.create_task(self._health_loop(main), name="health"))
+        helpers = [
+            asyncio.create_task(keep_running("heartbeat", self._heartbeat_loop), name="heartbeat"),
+            asyncio.create_task(
+                keep_running("health", lambda: self._health_loop(main)), name="health"
+            ),
+        ]
+        watched = [*helpers, *self.source.helpers()]
         try:
+            await self._watch_helpers(main, watched)
             await main
         finally:
             self.state = "stopped"
@@ -176,6 +193,24 @@ class Worker:
                 self.counts["cancelled"],
                 self.counts["requeued"],
             )
+
+    async def _watch_helpers(self, main: asyncio.Task[None], helpers: list[asyncio.Task]) -> None:
+        """Until the main loop ends: a helper that gave up stops the worker (exit code 1)."""
+        pending = {main, *helpers}
+        while not main.done():
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done - {main}:
+                if task.cancelled():
+                    continue
+                exc = task.exception()
+                if isinstance(exc, HelperFailed):
+                    self.fatal = str(exc)
+                elif exc is not None:
+                    self.fatal = f"the {task.get_name()} task failed: {type(exc).__name__}: {exc}"
+                else:
+                    continue
+                log.error("stopping the worker: %s", self.fatal)
+                self.request_stop()
 
     async def _sleep_or_stop(self, seconds: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
@@ -385,7 +420,7 @@ class Worker:
             try:
                 return await call()
             except SourceUnavailable:
-                if (
+                if self.forced.is_set() or (
                     self._stop_deadline is not None
                     and time.monotonic() >= self._stop_deadline + self.cfg.interrupt_grace
                 ):
@@ -396,12 +431,15 @@ class Worker:
     async def _put_back(self, job: ClaimedJob, reason: str) -> bool:
         """Requeue with the original score; False when the source cannot (HTTP API)."""
         try:
-            ok = await self._persist(lambda: self.source.requeue(job, reason))
+            verdict = await self._persist(lambda: self.source.requeue(job, reason))
         except SourceUnavailable:
-            ok = False
+            verdict = False
+        # "unreported" (the queue was down at a forced stop) is not a put-back: the job stays
+        # running under this worker and goes back when the worker (or a live one) recovers it.
+        ok = verdict is True
         if ok:
             self.counts["requeued"] += 1
-        return bool(ok)
+        return ok
 
     # -- VRAM admission --------------------------------------------------------------------
 
@@ -476,6 +514,7 @@ class Worker:
         run = asyncio.ensure_future(self.comfy.wait(job.prompt_id))
         cancel = asyncio.ensure_future(self._watch_cancel(job))
         stop = asyncio.ensure_future(self.stopping.wait())
+        forced = asyncio.ensure_future(self.forced.wait())
         deadline = job.claimed_at + self.cfg.job_timeout
         reason = None
         try:
@@ -483,7 +522,7 @@ class Worker:
                 limit = deadline
                 if self.stopping.is_set() and self._stop_deadline is not None:
                     limit = min(limit, self._stop_deadline)
-                waiting = {run, cancel} | ({stop} if not stop.done() else set())
+                waiting = {run, cancel} | {f for f in (stop, forced) if not f.done()}
                 await asyncio.wait(
                     waiting,
                     timeout=max(0.0, limit - time.monotonic()),
@@ -492,7 +531,11 @@ class Worker:
                 if run.done():
                     return run.result()
                 if cancel.done():
-                    reason = "cancelled"
+                    if not cancel.cancelled() and cancel.exception() is None:
+                        reason = "cancelled"
+                    else:  # the watcher broke (a bug): that is no cancellation; watch again
+                        log.error("the cancellation watcher ended: %r", cancel.exception())
+                        cancel = asyncio.ensure_future(self._watch_cancel(job))
                 elif time.monotonic() >= deadline:
                     reason = "timeout"
                 elif self._stop_deadline is not None and time.monotonic() >= self._stop_deadline:
@@ -500,12 +543,14 @@ class Worker:
                 if reason:
                     break
         finally:
-            cancel.cancel()
-            stop.cancel()
-            await asyncio.wait({cancel, stop}, timeout=2)
+            for waiter in (cancel, stop, forced):
+                waiter.cancel()
+            await asyncio.wait({cancel, stop, forced}, timeout=2)
         return await self._stop_prompt(job, run, reason)
 
     async def _watch_cancel(self, job: ClaimedJob) -> None:
+        """Returns only when the platform cancelled the job; anything else is logged, not a
+        cancellation (a cancellation takes the job off queue:running)."""
         hint = self.source.cancel_hint()
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
@@ -516,29 +561,49 @@ class Worker:
                     return
             except SourceUnavailable:
                 pass
+            except Exception:
+                log.exception("the cancellation check failed; checking again")
+                await asyncio.sleep(self.cfg.cancel_check_interval)
 
     async def _stop_prompt(
         self, job: ClaimedJob, run: asyncio.Future[Outcome], reason: str
     ) -> Outcome:
-        """Interrupt; if ComfyUI ignores it for WORKER_INTERRUPT_GRACE, free and restart it."""
+        """Interrupt; if ComfyUI ignores it for WORKER_INTERRUPT_GRACE, restart it.
+
+        Every call to ComfyUI here is bounded by what is left of the grace: a frozen ComfyUI
+        answers nothing, and the client's own timeout (COMFYUI_TIMEOUT) is far longer.
+        """
+        grace = self.cfg.interrupt_grace
+        if self.forced.is_set():
+            grace = min(grace, FORCED_GRACE)
         log.info("interrupting the prompt in ComfyUI (%s)", reason)
         started = time.monotonic()
-        with contextlib.suppress(ComfyUnavailable):
-            await self.comfy.interrupt(job.prompt_id)
+        deadline = started + grace
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
+        def ask() -> asyncio.Future[None]:
+            asking = asyncio.ensure_future(self.comfy.interrupt(job.prompt_id, timeout=left()))
+            asking.add_done_callback(lambda t: t.cancelled() or t.exception())
+            return asking
+
+        asking = ask()
         outcome = None
         stopped = False
-        deadline = started + self.cfg.interrupt_grace
-        while not stopped and time.monotonic() < deadline:
-            try:
-                step = min(1.0, max(0.0, deadline - time.monotonic()))
-                outcome = await asyncio.wait_for(asyncio.shield(run), step)
-                stopped = True
-            except asyncio.TimeoutError:
-                # The prompt may have started just after the interrupt: ask again.
-                with contextlib.suppress(ComfyUnavailable):
-                    await self.comfy.interrupt(job.prompt_id)
-            except JobFailure:
-                stopped = True  # ComfyUI dropped it from its queue before it ran
+        try:
+            while left() > 0:
+                await asyncio.wait({run}, timeout=min(1.0, left()))
+                if run.done():
+                    # JobFailure: ComfyUI dropped it from its queue before it ran.
+                    with contextlib.suppress(JobFailure):
+                        outcome = run.result()
+                    stopped = True
+                    break
+                if asking.done():  # the prompt may have started just after the interrupt
+                    asking = ask()
+        finally:
+            asking.cancel()
         waited = time.monotonic() - started
         if outcome is not None and outcome.status == "success" and reason == "timeout":
             return outcome  # it finished in the grace period after all
@@ -547,19 +612,24 @@ class Worker:
         self.comfy.forget(job.prompt_id)
         restarted = False
         if not stopped:
-            log.warning(
-                "ComfyUI did not stop within %.0f s of the interrupt; freeing and restarting it",
-                self.cfg.interrupt_grace,
-            )
-            with contextlib.suppress(ComfyUnavailable):
-                await self.comfy.free()
             if self.comfy_process is not None:
-                await self.comfy_process.restart()
+                log.warning(
+                    "ComfyUI did not stop within %.1f s of the interrupt; restarting it", waited
+                )
+                await self.comfy_process.restart(RESTART_GRACE)
                 self.comfy.connected.clear()
                 restarted = True
+            else:
+                log.warning(
+                    "ComfyUI did not stop within %.1f s of the interrupt; asking it to free "
+                    "memory (it is not managed by this worker)",
+                    waited,
+                )
+                with contextlib.suppress(ComfyUnavailable):
+                    await self.comfy.free(timeout=AFTER_STOP_CALL_TIMEOUT)
         else:
             with contextlib.suppress(ComfyUnavailable):
-                await self.comfy.delete_history(job.prompt_id)
+                await self.comfy.delete_history(job.prompt_id, timeout=AFTER_STOP_CALL_TIMEOUT)
         raise _Stop(reason, stopped, waited, restarted)
 
     async def _after_stop(self, job: ClaimedJob, stop: _Stop) -> None:
@@ -567,14 +637,14 @@ class Worker:
             how = f"interrupted the prompt in ComfyUI, which stopped within {stop.waited:.1f} s"
         elif stop.restarted:
             how = (
-                f"ComfyUI did not stop within {self.cfg.interrupt_grace:g} s "
-                "(WORKER_INTERRUPT_GRACE) of the interrupt, so the worker freed and restarted it"
+                f"ComfyUI did not stop within {stop.waited:.1f} s of the interrupt "
+                f"(WORKER_INTERRUPT_GRACE={self.cfg.interrupt_grace:g}), so the worker restarted it"
             )
         else:
             how = (
-                f"ComfyUI did not stop within {self.cfg.interrupt_grace:g} s "
-                "(WORKER_INTERRUPT_GRACE) of the interrupt; it is not managed by this worker "
-                "(COMFYUI_START=false) and was left running"
+                f"ComfyUI did not stop within {stop.waited:.1f} s of the interrupt "
+                f"(WORKER_INTERRUPT_GRACE={self.cfg.interrupt_grace:g}); it is not managed by "
+                "this worker (COMFYUI_START=false) and was left running"
             )
         if stop.reason == "cancelled":
             with contextlib.suppress(SourceUnavailable):
@@ -709,6 +779,9 @@ async def _amain(cfg: Config) -> int:
     if cfg.queue_source == "redis" and not cfg.redis_password:
         log.warning("REDIS_PASSWORD is empty; the platform's Redis requires one")
     await worker.run()
+    if worker.fatal:
+        log.error("exiting with code 1: %s", worker.fatal)
+        return 1
     return 0
 
 
