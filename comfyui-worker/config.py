@@ -88,6 +88,11 @@ class Config:
     staging_host_dir: str = ""
     comfyui_input_dir: str = ""
     max_job_bytes: int = 16 * 1024 * 1024
+    max_attempts: int = 3
+    orphan_grace: float = 30.0
+    orphan_check_interval: float = 10.0
+    max_infra_failures: int = 3
+    gpu_required: bool = False
     comfyui_start: bool = False
     comfyui_dir: str = "/opt/ComfyUI"
     comfyui_python: str = sys.executable
@@ -194,6 +199,13 @@ class Config:
             staging_host_dir=reader.abspath("STAGING_HOST_DIR", "", True),
             comfyui_input_dir=reader.abspath("COMFYUI_INPUT_DIR", "", True),
             max_job_bytes=reader.int("WORKER_MAX_JOB_BYTES", d.max_job_bytes, 1024, 1 << 31),
+            max_attempts=reader.int("WORKER_MAX_ATTEMPTS", d.max_attempts, 1, 100),
+            orphan_grace=reader.float("ORPHAN_GRACE", d.orphan_grace, minimum=0),
+            orphan_check_interval=reader.float("ORPHAN_CHECK_INTERVAL", d.orphan_check_interval),
+            max_infra_failures=reader.int(
+                "WORKER_MAX_INFRA_FAILURES", d.max_infra_failures, 1, 1000
+            ),
+            gpu_required=reader.bool("GPU_REQUIRED", d.gpu_required),
             comfyui_start=reader.bool("COMFYUI_START", d.comfyui_start),
             comfyui_dir=reader.str("COMFYUI_DIR", d.comfyui_dir),
             comfyui_python=reader.str("COMFYUI_PYTHON", d.comfyui_python),

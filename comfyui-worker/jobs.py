@@ -204,6 +204,13 @@ class JobSource(Protocol):
     async def requeue(self, job: ClaimedJob, reason: str) -> bool:
         """Put the job back with its original score; False when the source cannot."""
 
+    async def retry(self, job: ClaimedJob, reason: str, delay: float) -> str:
+        """Put back, counted as an attempt and deferred by `delay` s: 'requeued', 'failed' (at
+        WORKER_MAX_ATTEMPTS), 'cancelled', 'stale', or 'unsupported' (the HTTP API)."""
+
+    async def reap_orphans(self, grace: float) -> list[tuple[str, str]]:
+        """Take over running jobs of workers whose heartbeat has been gone for `grace` s."""
+
     async def is_cancelled(self, job: ClaimedJob) -> bool:
         """True when the platform cancelled (or deleted) the job since it was claimed."""
 

@@ -118,6 +118,13 @@ class HttpJobSource:
     async def requeue(self, job: ClaimedJob, reason: str) -> bool:
         return False
 
+    async def retry(self, job: ClaimedJob, reason: str, delay: float) -> str:
+        return "unsupported"
+
+    async def reap_orphans(self, grace: float) -> list[tuple[str, str]]:
+        """The API cannot list running jobs by worker; the queue-manager's reaper handles them."""
+        return []
+
     async def is_cancelled(self, job: ClaimedJob) -> bool:
         status, body = await self._request("GET", f"/api/jobs/{job.id}")
         if status == 404:

@@ -1,5 +1,11 @@
 """Job source reading the platform's Redis directly (CONTRACTS.md §1), the default.
 
+Beyond the contract's keys, one key of its own: the hash `comfyume:not_before` (job id -> unix
+time) defers a job put back for lack of VRAM, so every worker claims past it until then; the job
+keeps its place (its original score) in queue:pending. Jobs put back after a crash, after their
+worker vanished (heartbeat gone) or for VRAM carry `metadata.attempts` and
+`metadata.attempted_by`; at WORKER_MAX_ATTEMPTS such a job fails instead of circulating.
+
 Every state change of a job (claim, complete, fail, requeue, cancel) is one Lua script that
 moves the id between the sorted sets, rewrites `job:{id}` and publishes the event together,
 so no crash or competing worker can leave a job half-moved. The script compares the job's
@@ -15,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -24,6 +31,8 @@ from jobs import (
     ClaimedJob,
     SourceUnavailable,
     clip_error,
+    is_safe_segment,
+    iso_to_unix,
     new_job_record,
     pending_score,
     utc_now_iso,
@@ -41,31 +50,71 @@ RUNNING = "queue:running"
 COMPLETED = "queue:completed"
 FAILED = "queue:failed"
 UPDATES = "queue:updates"
+NOT_BEFORE = "comfyume:not_before"
 MAX_ATTEMPTS = 20
 ROUND_ROBIN_SCAN = 1000
+# How far down queue:pending a claim looks past deferred jobs.
+DEFER_SCAN = 200
+# Events larger than this are not parsed: every worker receives every event.
+EVENT_PARSE_LIMIT = 64 * 1024
 
-# KEYS: job key, from zset, to zset ('' = none), counter key ('' = none)
-# ARGV: job id, expected sha1 of the job JSON, new JSON ('' = keep), score, event JSON ('' = none)
-# Returns 1 moved, 0 not in the from-set, -1 job JSON changed meanwhile, -2 job key missing.
+# KEYS: job key, from zset, to zset ('' = none), counter key ('' = none),
+#       [a key that must not exist ('' = none), [the not-before hash]]
+# ARGV: job id, expected sha1 of the job JSON, new JSON ('' = keep), score, event JSON ('' = none),
+#       [not-before unix time, the hash's TTL in seconds]
+# Returns 1 moved, 0 not in the from-set, -1 job JSON changed meanwhile, -2 job key missing,
+# -3 the must-not-exist key exists (a worker's heartbeat came back).
 TRANSITION_LUA = """
 local cur = redis.call('GET', KEYS[1])
 if not cur then return -2 end
 if redis.sha1hex(cur) ~= ARGV[2] then return -1 end
 if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
+if KEYS[5] and KEYS[5] ~= '' and redis.call('EXISTS', KEYS[5]) == 1 then return -3 end
 redis.call('ZREM', KEYS[2], ARGV[1])
 if KEYS[3] ~= '' then redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1]) end
 if ARGV[3] ~= '' then redis.call('SET', KEYS[1], ARGV[3]) end
 if KEYS[4] ~= '' then redis.call('INCR', KEYS[4]) end
+if KEYS[6] and KEYS[6] ~= '' then
+  redis.call('HSET', KEYS[6], ARGV[1], ARGV[6])
+  redis.call('EXPIRE', KEYS[6], ARGV[7])
+end
 if ARGV[5] ~= '' then redis.call('PUBLISH', 'queue:updates', ARGV[5]) end
 return 1
 """
 
-# The head of queue:pending with its score and job JSON, in one round trip.
+# KEYS: queue:pending, the not-before hash. ARGV: now (unix), how many to look at.
+# The first pending job that is not deferred, with its score, JSON length and JSON (nil when the
+# JSON is over ARGV[3] bytes), in one round trip; deferrals that have passed are dropped.
 PEEK_LUA = """
-local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-if #head == 0 then return false end
-return {head[1], head[2], redis.call('GET', 'job:' .. head[1])}
+local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1, 'WITHSCORES')
+local now = tonumber(ARGV[1])
+for i = 1, #ids, 2 do
+  local nb = redis.call('HGET', KEYS[2], ids[i])
+  if not nb or tonumber(nb) <= now then
+    if nb then redis.call('HDEL', KEYS[2], ids[i]) end
+    local key = 'job:' .. ids[i]
+    local size = redis.call('STRLEN', key)
+    if size > tonumber(ARGV[3]) then return {ids[i], ids[i + 1], size} end
+    return {ids[i], ids[i + 1], size, redis.call('GET', key)}
+  end
+end
+return false
 """
+
+# KEYS: job key, queue:pending, queue:failed. ARGV: id, the JSON's size as read, the failed
+# record, score, event. An oversized pending job is failed unread, if it is still that job.
+REFUSE_LUA = """
+if redis.call('STRLEN', KEYS[1]) ~= tonumber(ARGV[2]) then return -1 end
+if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
+redis.call('SET', KEYS[1], ARGV[3])
+redis.call('PUBLISH', 'queue:updates', ARGV[5])
+return 1
+"""
+
+# How much of a job's JSON is read to salvage its user, priority and creation time.
+SALVAGE_BYTES = 4096
 
 # A pending id whose job key is gone cannot be run: drop it, but only if it is still gone.
 DROP_GHOST_LUA = """
@@ -76,6 +125,25 @@ return redis.call('ZREM', KEYS[2], ARGV[1])
 
 def _sha1(data: bytes) -> str:
     return hashlib.sha1(data).hexdigest()
+
+
+def attempts_of(doc: dict[str, Any]) -> tuple[int, list[str]]:
+    """How often the job was put back after a failed attempt, and on which workers."""
+    meta = doc.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}
+    count = meta.get("attempts")
+    count = count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else 0
+    workers = meta.get("attempted_by")
+    workers = [w for w in workers if isinstance(w, str)] if isinstance(workers, list) else []
+    return count, workers
+
+
+def _with_attempt(doc: dict[str, Any], worker: Any) -> dict[str, Any]:
+    count, workers = attempts_of(doc)
+    meta = doc.get("metadata")
+    meta = dict(meta) if isinstance(meta, dict) else {}
+    meta.update(attempts=count + 1, attempted_by=[*workers, str(worker or "unknown")])
+    return {**doc, "metadata": meta}
 
 
 def _event(kind: str, doc: dict[str, Any]) -> str:
@@ -105,6 +173,10 @@ class RedisJobSource:
         self._transition = self.redis.register_script(TRANSITION_LUA)
         self._drop_ghost = self.redis.register_script(DROP_GHOST_LUA)
         self._peek = self.redis.register_script(PEEK_LUA)
+        self._refuse = self.redis.register_script(REFUSE_LUA)
+        # Workers whose heartbeat key was seen missing, and since when (monotonic).
+        self._missing: dict[str, float] = {}
+        self._owners: dict[str, tuple[float, str | None]] = {}
         self._wake = asyncio.Event()
         self._cancel_hint = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
@@ -165,6 +237,13 @@ class RedisJobSource:
             await asyncio.wait_for(pubsub.aclose(), 5)
 
     def _on_event(self, data: Any) -> None:
+        if isinstance(data, (bytes, str)) and len(data) > EVENT_PARSE_LIMIT:
+            # Not parsed (a large workflow): a spurious wake costs one claim, nothing more.
+            self._wake.set()
+            mine = self.current_job_id
+            if mine and (mine.encode() if isinstance(data, bytes) else mine) in data:
+                self._cancel_hint.set()
+            return
         try:
             event = json.loads(data)
             kind = event.get("type")
@@ -200,50 +279,81 @@ class RedisJobSource:
         self.states.set("redis", "up")
         return result
 
-    async def _select(self) -> tuple[str, float, bytes | None] | None:
-        """Next candidate by QUEUE_MODE, with its JSON; the claim re-checks it atomically."""
+    async def _select(self) -> tuple[str, float, int, bytes | None] | None:
+        """Next candidate by QUEUE_MODE: id, score, JSON size and JSON (None when over
+        WORKER_MAX_JOB_BYTES, which is then never read whole); the claim re-checks it."""
         if self.cfg.queue_mode != "round_robin":
-            head = await self._call(self._peek(keys=[PENDING]))
+            head = await self._call(
+                self._peek(
+                    keys=[PENDING, NOT_BEFORE],
+                    args=[time.time(), DEFER_SCAN, self.cfg.max_job_bytes],
+                )
+            )
             if not head:
                 return None
-            member, score, raw = head
-            return member.decode(), float(score), raw
+            member, score, size, *raw = head
+            return member.decode(), float(score), int(size), raw[0] if raw else None
         picked = await self._select_round_robin()
         if picked is None:
             return None
-        raw = await self._call(self.redis.get(f"job:{picked[0]}"))
-        return picked[0], picked[1], raw
+        key = f"job:{picked[0]}"
+        size = await self._call(self.redis.strlen(key))
+        raw = await self._call(self.redis.get(key)) if size <= self.cfg.max_job_bytes else None
+        return picked[0], picked[1], int(size), raw
+
+    async def _users(self, ids: list[str]) -> list[str | None]:
+        """The user of each job id, read once per job (a job's user never changes)."""
+        missing = [i for i in ids if i not in self._rr_users]
+        if missing:
+            # Only the head of each JSON: the user id comes early, and a job may be huge.
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in missing:
+                pipe.getrange(f"job:{job_id}", 0, SALVAGE_BYTES - 1)
+            heads = await self._call(pipe.execute())
+            for job_id, head in zip(missing, heads, strict=False):
+                self._rr_users[job_id] = _field(head, "user_id") if head else None
+        return [self._rr_users[i] for i in ids]
 
     async def _select_round_robin(self) -> tuple[str, float] | None:
-        """The oldest job of the user with the fewest completions (user:{id}:completed)."""
+        """The oldest job of the user with the fewest jobs completed or running now.
+
+        Counting running jobs too means two workers choosing at once serve two users, not the
+        same one twice (user:{id}:completed changes only when a job ends).
+        """
         entries = await self._call(
             self.redis.zrange(PENDING, 0, ROUND_ROBIN_SCAN - 1, withscores=True)
         )
         if not entries:
             return None
-        ids = [m.decode() for m, _ in entries]
-        missing = [i for i in ids if i not in self._rr_users]
-        if missing:
-            raws = await self._call(self.redis.mget([f"job:{i}" for i in missing]))
-            for job_id, raw in zip(missing, raws, strict=False):
-                self._rr_users[job_id] = _user_of(raw)
-        keep = set(ids)
+        deferred = await self._call(self.redis.hgetall(NOT_BEFORE))
+        now = time.time()
+        held = {k.decode() for k, v in deferred.items() if _float(v) > now}
+        entries = [(m.decode(), float(s)) for m, s in entries]
+        entries = [(i, s) for i, s in entries if i not in held]
+        if not entries:
+            return None
+        running = [m.decode() for m in await self._call(self.redis.zrange(RUNNING, 0, -1))]
+        ids = [i for i, _ in entries]
+        users = await self._users(ids + running)
+        keep = set(ids) | set(running)
         for stale in [i for i in self._rr_users if i not in keep]:
             del self._rr_users[stale]
-        users = sorted({u for u in (self._rr_users[i] for i in ids) if u})
+        pending_users = users[: len(ids)]
+        names = sorted({u for u in users if u})
         counts: dict[str | None, int] = {None: 0}
-        if users:
-            values = await self._call(self.redis.mget([f"user:{u}:completed" for u in users]))
-            for user, value in zip(users, values, strict=False):
+        if names:
+            values = await self._call(self.redis.mget([f"user:{u}:completed" for u in names]))
+            for user, value in zip(names, values, strict=False):
                 try:
                     counts[user] = int(value or 0)
                 except ValueError:
                     counts[user] = 0
+        for user in users[len(ids) :]:
+            if user:
+                counts[user] = counts.get(user, 0) + 1
         best = min(
-            (
-                (counts.get(self._rr_users[i], 0), float(s), i)
-                for i, (_, s) in zip(ids, entries, strict=False)
-            ),
+            (counts.get(user, 0), score, job_id)
+            for (job_id, score), user in zip(entries, pending_users, strict=False)
         )
         return best[2], best[1]
 
@@ -254,11 +364,14 @@ class RedisJobSource:
             candidate = await self._select()
             if candidate is None:
                 return None
-            job_id, score, raw = candidate
+            job_id, score, size, raw = candidate
             key = f"job:{job_id}"
-            if raw is None:
+            if raw is None and size == 0:
                 if await self._call(self._drop_ghost(keys=[key, PENDING], args=[job_id])):
                     log.warning("dropped pending id %s: its job key does not exist", job_id)
+                continue
+            if raw is None:
+                await self._refuse_oversized(job_id, size)
                 continue
             doc, invalid = _parse(raw)
             if doc is not None and doc.get("status") == "cancelled":
@@ -270,7 +383,7 @@ class RedisJobSource:
                 )
                 continue
             now = time.time()
-            new_doc = dict(doc) if doc is not None else _salvage(job_id)
+            new_doc = dict(doc) if doc is not None else _salvage(job_id, raw)
             new_doc.update(status="running", worker_id=self.cfg.worker_id, started_at=utc_now_iso())
             new_raw = json.dumps(new_doc)
             moved = await self._call(
@@ -280,12 +393,40 @@ class RedisJobSource:
                 )
             )
             if moved == 1:
+                if self.cfg.queue_mode == "round_robin":  # fifo's peek dropped it already
+                    await self._call(self.redis.hdel(NOT_BEFORE, job_id))
                 if invalid:
                     log.warning("claimed job %s with unreadable JSON: %s", job_id, invalid)
                 return ClaimedJob(
                     id=job_id, doc=new_doc, raw_size=len(raw), score=score, invalid=invalid
                 )
         return None
+
+    async def _refuse_oversized(self, job_id: str, size: int) -> None:
+        """Fail a job whose JSON is over WORKER_MAX_JOB_BYTES without reading it whole: a
+        contract-shaped record from its first bytes replaces it (compare-and-set on its head)."""
+        key = f"job:{job_id}"
+        head = await self._call(self.redis.getrange(key, 0, SALVAGE_BYTES - 1))
+        tail = await self._call(self.redis.getrange(key, -SALVAGE_BYTES, -1))
+        if not head:
+            return
+        doc = _salvage(job_id, head + b" " + (tail or b""))
+        doc.update(
+            status="failed",
+            worker_id=self.cfg.worker_id,
+            completed_at=utc_now_iso(),
+            error=f"job payload is {size} bytes, over the limit of {self.cfg.max_job_bytes} "
+            "(WORKER_MAX_JOB_BYTES)",
+            result={"error_kind": "invalid_job"},
+        )
+        moved = await self._call(
+            self._refuse(
+                keys=[key, PENDING, FAILED],
+                args=[job_id, size, json.dumps(doc), time.time(), _event("job_updated", doc)],
+            )
+        )
+        if moved == 1:
+            log.warning("failed job %s unread: its JSON is %d bytes", job_id, size)
 
     # -- reporting -------------------------------------------------------------------------
 
@@ -295,8 +436,19 @@ class RedisJobSource:
         target: str,
         changes: dict[str, Any],
         counter: bool = False,
+        owner: str | None = None,
+        attempt: str | None = None,
+        not_before: float | None = None,
+        absent: str = "",
     ) -> str:
-        """Move a running job of ours to `target`; 'cancelled' if the platform cancelled it."""
+        """Move a running job of `owner` (default: this worker) to `target`.
+
+        Returns 'ok', 'cancelled' (the platform cancelled it), 'stale' (no longer that owner's),
+        or 'failed' when `attempt` (the reason for a counted put-back) reached
+        WORKER_MAX_ATTEMPTS and the job was failed instead. `absent` names a key that must not
+        exist at the moment of the move (the vanished owner's heartbeat).
+        """
+        owner = owner or self.cfg.worker_id
         key = f"job:{job.id}"
         for _ in range(MAX_ATTEMPTS):
             raw = await self._call(self.redis.get(key))
@@ -304,31 +456,48 @@ class RedisJobSource:
                 return "stale"
             doc, _ = _parse(raw)
             if doc is None:
-                doc = _salvage(job.id)
+                doc = _salvage(job.id, raw)
             if doc.get("status") == "cancelled":
                 await self._remove_cancelled(job, raw, doc)
                 return "cancelled"
-            if doc.get("worker_id") != self.cfg.worker_id or doc.get("status") != "running":
+            if doc.get("worker_id") != owner or doc.get("status") != "running":
                 return "stale"
-            new_doc = {**doc, **changes}
+            new_doc, to, verdict = {**doc, **changes}, target, "ok"
+            if attempt is not None:
+                new_doc = _with_attempt(new_doc, owner)
+                count, workers = attempts_of(new_doc)
+                if count >= self.cfg.max_attempts:
+                    to, verdict = FAILED, "failed"
+                    new_doc.update(
+                        status="failed",
+                        worker_id=doc.get("worker_id"),
+                        started_at=doc.get("started_at"),
+                        completed_at=utc_now_iso(),
+                        error=clip_error(
+                            f"gave up after {count} attempts (WORKER_MAX_ATTEMPTS="
+                            f"{self.cfg.max_attempts}); it ran on {', '.join(workers)}; "
+                            f"last: {attempt}"
+                        ),
+                        result={"error_kind": "attempts", "attempted_by": workers},
+                    )
             counter_key = ""
             if counter and is_user(new_doc.get("user_id")):
                 counter_key = f"user:{new_doc['user_id']}:completed"
-            moved = await self._call(
-                self._transition(
-                    keys=[key, RUNNING, target, counter_key],
-                    args=[
-                        job.id,
-                        _sha1(raw),
-                        json.dumps(new_doc),
-                        time.time() if target != PENDING else (job.score or pending_score(doc)),
-                        _event("job_updated", new_doc),
-                    ],
-                )
-            )
+            keys = [key, RUNNING, to, counter_key, absent]
+            args: list[Any] = [
+                job.id,
+                _sha1(raw),
+                json.dumps(new_doc),
+                time.time() if to != PENDING else (job.score or pending_score(doc)),
+                _event("job_updated", new_doc),
+            ]
+            if to == PENDING and not_before is not None:
+                keys.append(NOT_BEFORE)
+                args += [not_before, max(60, int(self.cfg.vram_backoff_max * 4))]
+            moved = await self._call(self._transition(keys=keys, args=args))
             if moved == 1:
-                return "ok"
-            if moved == 0:
+                return verdict
+            if moved in (0, -3):
                 return "stale"
         return "stale"
 
@@ -347,11 +516,23 @@ class RedisJobSource:
         return await self._finish(job, FAILED, changes)
 
     async def requeue(self, job: ClaimedJob, reason: str) -> bool:
-        changes = {"status": "pending", "worker_id": None, "started_at": None}
-        outcome = await self._finish(job, PENDING, changes)
+        """Put back a job that was not at fault (a stop, ComfyUI away): not an attempt."""
+        outcome = await self._finish(job, PENDING, PUT_BACK)
         if outcome == "ok":
             log.info("put job %s back in the queue: %s", job.id, reason)
         return outcome == "ok"
+
+    async def retry(self, job: ClaimedJob, reason: str, delay: float) -> str:
+        """Put back a job this worker cannot run now (VRAM), counted as an attempt and deferred
+        by `delay` seconds so the jobs behind it run meanwhile. Returns 'requeued', 'failed'
+        (the attempt limit was reached: the job failed), 'cancelled' or 'stale'."""
+        outcome = await self._finish(
+            job, PENDING, PUT_BACK, attempt=reason, not_before=time.time() + delay
+        )
+        if outcome == "ok":
+            log.info("put job %s back for %.0f s: %s", job.id, delay, reason)
+            return "requeued"
+        return outcome
 
     async def is_cancelled(self, job: ClaimedJob) -> bool:
         raw = await self._call(self.redis.get(f"job:{job.id}"))
@@ -389,9 +570,68 @@ class RedisJobSource:
             if doc.get("status") == "cancelled":
                 await self._remove_cancelled(job, raw, doc)
                 continue
-            if await self.requeue(job, "left running by a previous run of this worker"):
+            why = f"worker {self.cfg.worker_id} stopped (crashed or was killed) while running it"
+            outcome = await self._finish(job, PENDING, PUT_BACK, attempt=why)
+            if outcome == "ok":
+                log.info("put job %s back in the queue: left running by a previous run", job_id)
                 recovered.append(job_id)
+            elif outcome == "failed":
+                log.warning("failed job %s: %s, and it reached WORKER_MAX_ATTEMPTS", job_id, why)
         return recovered
+
+    async def reap_orphans(self, grace: float) -> list[tuple[str, str]]:
+        """Put back (or fail, at the attempt limit) running jobs of workers whose heartbeat key
+        has been gone for `grace` seconds; returns (job id, outcome) pairs.
+
+        Any live worker may do this; the move is a compare-and-set that also checks the
+        heartbeat is still gone, so a job is taken over once, and never from a live worker.
+        """
+        running = await self._call(self.redis.zrange(RUNNING, 0, -1, withscores=True))
+        owners: dict[str, tuple[float, str | None]] = {}
+        for member, score in running:
+            job_id = member.decode()
+            known = self._owners.get(job_id)
+            if known is None or known[0] != score:  # claimed again since: read its owner again
+                head = await self._call(self.redis.getrange(f"job:{job_id}", 0, SALVAGE_BYTES - 1))
+                known = (score, _owner_of(head))
+            owners[job_id] = known
+        self._owners = owners
+        others = sorted({w for _, w in owners.values() if w and w != self.cfg.worker_id})
+        now = time.monotonic()
+        if others:
+            pipe = self.redis.pipeline(transaction=False)
+            for worker in others:
+                pipe.exists(f"worker:{worker}:heartbeat")
+            alive = await self._call(pipe.execute())
+            for worker, up in zip(others, alive, strict=False):
+                if up:
+                    self._missing.pop(worker, None)
+                else:
+                    self._missing.setdefault(worker, now)
+        self._missing = {w: t for w, t in self._missing.items() if w in others}
+        taken = []
+        for job_id, (_, worker) in owners.items():
+            since = self._missing.get(worker or "")
+            if worker is None or since is None or now - since < grace:
+                continue
+            why = (
+                f"worker {worker} vanished while running it (its heartbeat key has been gone for "
+                f"{now - since + self.cfg.heartbeat_ttl:.0f} s or more)"
+            )
+            job = ClaimedJob(id=job_id, doc=None, raw_size=0)
+            outcome = await self._finish(
+                job,
+                PENDING,
+                PUT_BACK,
+                owner=worker,
+                attempt=why,
+                absent=f"worker:{worker}:heartbeat",
+            )
+            if outcome in ("ok", "failed"):
+                verb = "put back" if outcome == "ok" else "failed at WORKER_MAX_ATTEMPTS"
+                log.warning("job %s %s: %s", job_id, verb, why)
+                taken.append((job_id, outcome))
+        return taken
 
     async def heartbeat(self, status: dict[str, Any]) -> None:
         ttl = self.cfg.heartbeat_ttl
@@ -424,14 +664,39 @@ def _parse(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
     return doc, None
 
 
-def _salvage(job_id: str) -> dict[str, Any]:
-    """A contract-shaped record for a job whose stored JSON could not be read."""
-    return new_job_record(job_id, "", None)
+PUT_BACK = {"status": "pending", "worker_id": None, "started_at": None}
 
 
-def _user_of(raw: bytes | None) -> str | None:
-    if raw is None:
+def _field(raw: bytes | None, name: str) -> str | None:
+    """A top-level string field found in (part of) a job's JSON, without parsing it whole."""
+    if not raw:
         return None
-    doc, _ = _parse(raw)
-    user = (doc or {}).get("user_id")
-    return user if isinstance(user, str) else None
+    match = re.search(rb'"%s"\s*:\s*"([^"\\]{1,200})"' % name.encode(), raw)
+    return match.group(1).decode(errors="replace") if match else None
+
+
+def _owner_of(raw: bytes | None) -> str | None:
+    return _field(raw, "worker_id")
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _salvage(job_id: str, raw: bytes = b"") -> dict[str, Any]:
+    """A contract-shaped record for a job whose JSON cannot be used (malformed, or too large to
+    read), with what can be recovered from its bytes, so the queue-manager can still show it:
+    its user (when it has the contract's form), priority and creation time."""
+    user = _field(raw, "user_id")
+    priority = re.search(rb'"priority"\s*:\s*([0-3])\b', raw or b"")
+    created = _field(raw, "created_at")
+    return new_job_record(
+        job_id,
+        user if is_safe_segment(user) else "unknown",
+        {},
+        int(priority.group(1)) if priority else 2,
+        created if iso_to_unix(created) is not None else utc_now_iso(),
+    )

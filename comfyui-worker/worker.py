@@ -118,7 +118,6 @@ class Worker:
         self.counts = {"completed": 0, "failed": 0, "cancelled": 0, "requeued": 0}
         self.started_at = utc_now_iso()
         self._vram_backoff = Backoff(cfg.vram_backoff_max, cfg.vram_backoff)
-        self._hold_until = 0.0
         self._last_reading: vram.VramReading | None = None
         self._heartbeat_now = asyncio.Event()
         self._stop_deadline: float | None = None
@@ -167,6 +166,7 @@ class Worker:
             asyncio.create_task(
                 keep_running("health", lambda: self._health_loop(main)), name="health"
             ),
+            asyncio.create_task(keep_running("orphans", self._orphan_loop), name="orphans"),
         ]
         watched = [*helpers, *self.source.helpers()]
         try:
@@ -263,11 +263,6 @@ class Worker:
                     self._set_state("waiting_for_comfyui")
                     await self._sleep_or_stop(backoff.next())
                     continue
-            hold = self._hold_until - time.monotonic()
-            if hold > 0:
-                self._set_state("vram_backoff")
-                await self._sleep_or_stop(hold)
-                continue
             try:
                 job = await self.source.claim()
             except SourceUnavailable:
@@ -458,9 +453,18 @@ class Worker:
             if verdict == "never":
                 raise JobFailure("vram", reason, {"vram": need.as_dict()})
             delay = self._vram_backoff.next()
-            if await self._put_back(job, reason):
-                self._hold_until = time.monotonic() + delay
-                log.info("waiting %.0f s before taking another job (VRAM)", delay)
+            verdict = await self._persist(
+                lambda why=reason, wait=delay: self.source.retry(job, why, wait)
+            )
+            if verdict == "requeued":
+                # Deferred by `delay` for every worker; the jobs behind it run meanwhile.
+                self.counts["requeued"] += 1
+                return False
+            if verdict == "failed":
+                self.counts["failed"] += 1
+                log.warning("failed: %s, and the job reached WORKER_MAX_ATTEMPTS", reason)
+                return False
+            if verdict != "unsupported":  # cancelled, no longer ours, or unreported
                 return False
             # The HTTP source cannot requeue: hold the job and measure again later.
             if self._deadline_passed(job) or self.stopping.is_set():
@@ -699,6 +703,13 @@ class Worker:
             self._heartbeat_now.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._heartbeat_now.wait(), self.cfg.heartbeat_interval)
+
+    async def _orphan_loop(self) -> None:
+        """Take over the jobs of workers that vanished (host gone, container removed)."""
+        while not self.stopping.is_set():
+            with contextlib.suppress(SourceUnavailable):
+                await self.source.reap_orphans(self.cfg.orphan_grace)
+            await self._sleep_or_stop(self.cfg.orphan_check_interval)
 
     async def _final_heartbeat(self) -> None:
         with contextlib.suppress(SourceUnavailable, Exception):

@@ -188,3 +188,152 @@ def test_heartbeat_and_status_keys(r, redis_server) -> None:
     assert 0 < r.ttl("worker:w1:heartbeat") <= 60
     assert iso_to_unix(r.get("worker:w1:heartbeat").decode())
     assert json.loads(r.get("worker:w1:status")) == {"state": "idle"}
+
+
+# -- attempts, orphans, deferrals, fairness, untrusted sizes ------------------------------------
+
+
+def test_orphaned_job_is_taken_over_once_with_its_score_and_an_attempt(r, redis_server) -> None:
+    orphan = submit(r, image_workflow(), priority=1, publish=False)
+    alive = submit(r, image_workflow(), priority=1, publish=False)
+    score = r.zscore("queue:pending", orphan)
+
+    async def body(gone, live, a, b):
+        await gone.claim()  # w-gone never beats: its host vanished
+        await live.claim()
+        await live.heartbeat({"state": "running"})
+        # Two live workers look at once, twice (the first look only notes the missing key).
+        first = await asyncio.gather(a.reap_orphans(0), b.reap_orphans(0))
+        second = await asyncio.gather(a.reap_orphans(0), b.reap_orphans(0))
+        return first, second
+
+    first, second = asyncio.run(_with_sources(redis_server, ["w-gone", "w-live", "wa", "wb"], body))
+    taken = [t for found in [*first, *second] for t in found]
+    assert taken == [(orphan, "ok")]  # once, by one of them
+    doc = job(r, orphan)
+    assert doc["status"] == "pending" and doc["worker_id"] is None
+    assert r.zscore("queue:pending", orphan) == score
+    assert doc["metadata"]["attempts"] == 1 and doc["metadata"]["attempted_by"] == ["w-gone"]
+    assert job(r, alive)["status"] == "running"  # its worker's heartbeat is there
+
+
+def test_orphan_grace_counts_from_when_the_heartbeat_was_seen_missing(r, redis_server) -> None:
+    orphan = submit(r, image_workflow(), publish=False)
+
+    async def body(gone, live):
+        await gone.claim()
+        assert await live.reap_orphans(0.5) == []  # just noticed
+        assert await live.reap_orphans(0.5) == []  # not yet 0.5 s
+        await asyncio.sleep(0.6)
+        return await live.reap_orphans(0.5)
+
+    assert asyncio.run(_with_sources(redis_server, ["w-gone", "w-live"], body)) == [(orphan, "ok")]
+
+
+def test_attempt_limit_fails_the_job_naming_the_workers(r, redis_server) -> None:
+    job_id = submit(
+        r, image_workflow(), publish=False, metadata={"attempts": 2, "attempted_by": ["a", "b"]}
+    )
+
+    async def body(w1):
+        await w1.claim()
+        return await w1.recover()  # w1 "crashed" while running it: a third attempt
+
+    assert asyncio.run(_with_sources(redis_server, ["w1"], body, WORKER_MAX_ATTEMPTS="3")) == []
+    doc = job(r, job_id)
+    assert doc["status"] == "failed" and r.zscore("queue:failed", job_id) is not None
+    assert "3 attempts (WORKER_MAX_ATTEMPTS=3)" in doc["error"]
+    assert "ran on a, b, w1" in doc["error"]
+    assert doc["result"] == {"error_kind": "attempts", "attempted_by": ["a", "b", "w1"]}
+    assert r.zscore("queue:pending", job_id) is None and r.zscore("queue:running", job_id) is None
+
+
+@pytest.mark.parametrize("mode", ["fifo", "round_robin"])
+def test_a_deferred_job_keeps_its_place_and_the_ones_behind_it_run(r, redis_server, mode) -> None:
+    big = submit(r, image_workflow(), user_id="u1", publish=False)
+    small = submit(r, image_workflow(), user_id="u2", publish=False)
+    score = r.zscore("queue:pending", big)
+
+    async def body(w1):
+        first = await w1.claim()
+        assert first.id == big
+        assert await w1.retry(first, "VRAM short", 30) == "requeued"
+        second = await w1.claim()
+        again = await w1.claim()  # only the deferred one is left
+        r.hset("comfyume:not_before", big, time.time() - 1)  # its time has come
+        third = await w1.claim()
+        return second.id, again, third.id
+
+    second, again, third = asyncio.run(_with_sources(redis_server, ["w1"], body, QUEUE_MODE=mode))
+    assert (second, again, third) == (small, None, big)
+    assert job(r, big)["metadata"]["attempts"] == 1
+    assert r.hget("comfyume:not_before", big) is None  # claimed: its deferral is gone
+    assert r.ttl("comfyume:not_before") > 0 or not r.exists("comfyume:not_before")
+    assert score == pytest.approx(2_000_000 + iso_to_unix(job(r, big)["created_at"]))
+
+
+def test_round_robin_counts_running_jobs_so_two_workers_serve_two_users(r, redis_server) -> None:
+    a1 = submit(r, user_id="alice", publish=False)
+    a2 = submit(r, user_id="alice", publish=False)
+    b1 = submit(r, user_id="bob", publish=False)
+
+    async def body(w1, w2):
+        return (await w1.claim()).id, (await w2.claim()).id
+
+    first, second = asyncio.run(
+        _with_sources(redis_server, ["w1", "w2"], body, QUEUE_MODE="round_robin")
+    )
+    # Neither has completed anything; alice's first job is running, so bob is next, not a2.
+    assert (first, second) == (a1, b1)
+    assert job(r, a2)["status"] == "pending"
+
+
+def test_an_oversized_job_fails_unread_and_keeps_a_readable_record(r, redis_server) -> None:
+    huge = {"1": {"class_type": "Note", "inputs": {"text": "x" * 50_000}}}
+    job_id = submit(r, huge, user_id="alice", priority=1, publish=False)
+    created = job(r, job_id)["created_at"]
+    nxt = submit(r, image_workflow(), user_id="bob", priority=1, publish=False)
+
+    async def body(w1):
+        return (await w1.claim()).id
+
+    claimed = asyncio.run(_with_sources(redis_server, ["w1"], body, WORKER_MAX_JOB_BYTES="8192"))
+    assert claimed == nxt
+    doc = job(r, job_id)
+    assert doc["status"] == "failed" and r.zscore("queue:failed", job_id) is not None
+    assert "WORKER_MAX_JOB_BYTES" in doc["error"] and "8192" in doc["error"]
+    # What the queue-manager needs to show it: the user, priority, creation time, an object.
+    assert doc["user_id"] == "alice" and doc["priority"] == 1 and doc["created_at"] == created
+    assert doc["workflow"] == {} and doc["result"] == {"error_kind": "invalid_job"}
+
+
+def test_a_malformed_job_is_recorded_in_the_contracts_shape(r, redis_server) -> None:
+    job_id = "0f0e0d0c-0000-4000-8000-000000000001"
+    r.set(f"job:{job_id}", '{"id": "x", "user_id": "carol", "workflow": {"1": ')
+    r.zadd("queue:pending", {job_id: 2_000_000 + time.time()})
+
+    async def body(w1):
+        return await w1.claim()
+
+    claimed = asyncio.run(_with_sources(redis_server, ["w1"], body))
+    assert claimed.id == job_id and claimed.invalid
+    doc = job(r, job_id)
+    assert doc["user_id"] == "carol" and doc["workflow"] == {}
+    assert iso_to_unix(doc["created_at"]) is not None and doc["priority"] == 2
+
+
+def test_large_events_are_not_parsed(redis_server, monkeypatch) -> None:
+    import queue_redis
+
+    source = _source(redis_server)
+    source.current_job_id = "job-7"
+    parsed = []
+    real_loads = json.loads
+    monkeypatch.setattr(queue_redis.json, "loads", lambda d: parsed.append(1) or real_loads(d))
+    event = json.dumps(
+        {"type": "job_updated", "data": {"id": "job-7", "workflow": {"t": "x" * 100_000}}}
+    )
+    source._on_event(event.encode())
+    assert parsed == []
+    assert source._wake.is_set() and source.cancel_hint().is_set()
+    asyncio.run(source.close())

@@ -137,6 +137,10 @@ class FakeSource:
         self.requeued.append(reason)
         return True
 
+    async def retry(self, job, reason, delay):
+        self.requeued.append(reason)
+        return "requeued"
+
 
 def _admit(total: int, free: int, frees: int, need_mb: int):
     cfg = Config.from_env({"VRAM_CHECK": "on", "VRAM_MARGIN_MB": "1000", "VRAM_FREE_WAIT": "0.3"})

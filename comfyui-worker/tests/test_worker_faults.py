@@ -23,6 +23,7 @@ from worker_testlib import (
     image_workflow,
     job,
     node_workflow,
+    prompts_per_job,
     submit,
     wait_for,
     wait_job,
@@ -177,6 +178,7 @@ def test_a_pid_file_naming_another_program_is_left_alone(tmp_path):
 
     bystander = subprocess.Popen(["sleep", "30"])
     try:
+        wait_for(lambda: supervisor._cmdline(bystander.pid) == ["sleep", "30"], 5, "sleep to run")
         cfg = config.Config(health_file=str(tmp_path / "h"), comfyui_dir=str(tmp_path))
         proc = supervisor.ComfyProcess(cfg)
         Path(proc.pid_file).write_text(
@@ -367,3 +369,60 @@ def test_websocket_reconnects_back_off_until_a_connection_holds():
     # 50 ms doubling: 0.05+0.1+0.2+0.4+0.8 = 1.55 s, so about 6 connections in 2 s; a loop
     # that never backs off makes dozens.
     assert 2 <= connects <= 8, connects
+
+
+# -- the queue: VRAM deferrals, vanished workers --------------------------------------------------
+
+
+def test_a_small_job_runs_while_a_big_one_waits_for_vram(r, comfyui, worker_env, start_worker):
+    """Before: the big job went back at its original score and the worker took it again first,
+    so the small job behind it never ran. Now the big one is deferred; after
+    WORKER_MAX_ATTEMPTS it fails, naming the worker and the limit."""
+    state = Path(worker_env["HEALTH_FILE"]).with_name("nvml.json")
+    state.write_text(json.dumps({"total_mb": 81559, "free_mb": 4000, "name": "Fake H100"}))
+    worker_env.update(
+        PYTHONPATH=str(Path(__file__).parent / "fakes"),
+        FAKE_NVML_FILE=str(state),
+        VRAM_CHECK="on",
+        VRAM_FREE_WAIT="0",
+        VRAM_BACKOFF="1",
+        VRAM_BACKOFF_MAX="1",
+        WORKER_MAX_ATTEMPTS="3",
+        QUEUE_POLL_INTERVAL="0.5",
+    )
+    start_worker(worker_env)
+    big = submit(r, image_workflow(), metadata={"estimated_vram": 8000})
+    small = submit(r, image_workflow(), metadata={"estimated_vram": 1000})
+    assert wait_job(r, small, t=30)["status"] == "completed"
+    assert job(r, big)["status"] in ("pending", "running")  # still waiting its turn
+    doc = wait_job(r, big, t=30)
+    assert doc["status"] == "failed" and doc["result"]["error_kind"] == "attempts", doc
+    assert "WORKER_MAX_ATTEMPTS=3" in doc["error"] and worker_env["WORKER_ID"] in doc["error"]
+    assert "VRAM" in doc["error"]
+    assert doc["metadata"]["attempts"] == 3
+
+
+def test_a_vanished_workers_job_is_taken_over_by_a_live_one(r, comfyui, worker_env, start_worker):
+    ttl, grace, poll = 2, 1.0, 0.5
+    worker_env.update(
+        HEARTBEAT_TTL=str(ttl),
+        HEARTBEAT_INTERVAL="0.5",
+        ORPHAN_GRACE=str(grace),
+        ORPHAN_CHECK_INTERVAL=str(poll),
+    )
+    gone = start_worker(worker_env, "gone")
+    job_id = submit(r, node_workflow("StandInSleep", seconds=1.0, steps=10))
+    wait_job(r, job_id, ("running",))
+    os.killpg(gone.process.pid, signal.SIGKILL)  # the host is gone: never restarted
+    gone.wait()
+    killed = time.monotonic()
+    live = start_worker({**worker_env, "WORKER_ID": "live-worker"}, "live")
+    doc = wait_job(r, job_id, t=30)
+    taken_after = time.monotonic() - killed
+    assert doc["status"] == "completed" and doc["worker_id"] == "live-worker", doc
+    assert doc["metadata"]["attempts"] == 1
+    assert doc["metadata"]["attempted_by"] == [worker_env["WORKER_ID"]]
+    assert f"worker {worker_env['WORKER_ID']} vanished" in live.log()
+    # Once by ComfyUI for the vanished worker, once for the live one: never by two live ones.
+    assert prompts_per_job(comfyui, [job_id])[job_id] == 2
+    print(f"taken over and completed {taken_after:.1f} s after the kill (TTL {ttl} s)")

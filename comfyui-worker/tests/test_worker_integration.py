@@ -23,6 +23,7 @@ from worker_testlib import (
     image_workflow,
     job,
     node_workflow,
+    prompts_per_job,
     start_redis,
     submit,
     wait_for,
@@ -224,15 +225,20 @@ def test_jobs_left_running_by_a_crash_go_back_and_run(r, comfyui, worker_env, st
     os.killpg(worker.process.pid, signal.SIGKILL)
     worker.wait()
     assert job(r, job_id)["status"] == "running"
-    # Same worker id again: the job goes back with its original score, then runs.
     doc = job(r, job_id)
     doc["workflow"] = image_workflow()
     r.set(f"job:{job_id}", json.dumps(doc))
-    restarted = start_worker(worker_env)
-    doc = wait_job(r, job_id)
-    assert doc["status"] == "completed"
-    assert "left running by a previous run" in restarted.log()
-    assert score is not None
+    # Same worker id again, with its ComfyUI away: it recovers the job but cannot run it, so
+    # the job is seen back in the queue with its original score and one attempt counted.
+    away = start_worker({**worker_env, "COMFYUI_URL": f"http://127.0.0.1:{free_port()}"}, "away")
+    wait_for(lambda: job(r, job_id)["status"] == "pending", 15, "the job back in the queue")
+    assert r.zscore("queue:pending", job_id) == score
+    assert job(r, job_id)["metadata"]["attempts"] == 1
+    assert job(r, job_id)["metadata"]["attempted_by"] == [worker_env["WORKER_ID"]]
+    assert "left running by a previous run" in away.log()
+    away.stop()
+    start_worker(worker_env, "back")
+    assert wait_job(r, job_id)["status"] == "completed"
 
 
 def test_sigterm_finishes_the_current_job(r, comfyui, worker_env, start_worker):
@@ -462,6 +468,8 @@ def test_two_workers_share_a_queue_without_duplicates(r, comfyui, worker_env, st
     docs = [wait_job(r, i) for i in ids]
     assert all(d["status"] == "completed" for d in docs)
     assert r.zcard("queue:completed") == 20 and r.zcard("queue:running") == 0
+    # Each job reached ComfyUI exactly once (a job run twice ends "completed" all the same).
+    assert set(prompts_per_job(comfyui, ids).values()) == {1}
 
 
 def test_http_source_reports_with_correct_bodies(comfyui, worker_env, start_worker):

@@ -269,8 +269,27 @@ def comfy_server(kind: str, base_dir: Path, port: int | None = None) -> ComfySer
     if not STANDIN_MAIN.is_file():
         pytest.skip("the ComfyUI stand-in (tests/comfyui_standin/main.py) is not there yet")
     return ComfyServer(
-        kind, port, base_dir, [PYTHON, str(STANDIN_MAIN), *args], STANDIN_MAIN.parent
+        kind,
+        port,
+        base_dir,
+        [PYTHON, str(STANDIN_MAIN), *args],
+        STANDIN_MAIN.parent,
+        env={"COMFYUI_STANDIN_PROMPT_LOG": str(base_dir / "prompts.jsonl")},
     )
+
+
+def prompts_per_job(server: ComfyServer, job_ids: list[str]) -> dict[str, int]:
+    """How many prompts the stand-in accepted for each job (its SaveImage prefixes carry the
+    job id, as the worker tags them)."""
+    counts = dict.fromkeys(job_ids, 0)
+    path = server.base_dir / "prompts.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    for line in lines:
+        for prefix in json.loads(line)["filename_prefixes"]:
+            job_id = prefix.split("/", 1)[0]
+            if job_id in counts:
+                counts[job_id] += 1
+    return counts
 
 
 COMFYUI_KINDS = [

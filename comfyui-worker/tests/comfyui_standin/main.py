@@ -1259,6 +1259,23 @@ def validate_inputs(
     return ret
 
 
+def _log_prompt(prompt_id: str, prompt: dict[str, Any]) -> None:
+    """Test instrumentation, not in real ComfyUI: with COMFYUI_STANDIN_PROMPT_LOG set, one JSON
+    line per accepted prompt, so tests can count how often a job reached ComfyUI."""
+    path = os.environ.get("COMFYUI_STANDIN_PROMPT_LOG")
+    if not path:
+        return
+    prefixes = [
+        node["inputs"]["filename_prefix"]
+        for node in prompt.values()
+        if isinstance(node, dict)
+        and isinstance(node.get("inputs"), dict)
+        and isinstance(node["inputs"].get("filename_prefix"), str)
+    ]
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"prompt_id": prompt_id, "filename_prefixes": prefixes}) + "\n")
+
+
 def validate_prompt(
     prompt: dict[str, Any], partial_execution_targets: list[str] | None, folders: Folders
 ) -> tuple[bool, dict[str, Any] | None, list[str], dict[str, Any]]:
@@ -2364,6 +2381,7 @@ class PromptServer:
         if not valid:
             log.warning("invalid prompt: %s", error)
             return web.json_response({"error": error, "node_errors": node_errors}, status=400)
+        _log_prompt(prompt_id, prompt)
         sensitive = {k: extra_data.pop(k) for k in SENSITIVE_EXTRA_DATA_KEYS if k in extra_data}
         extra_data["create_time"] = int(time.time() * 1000)
         self.queue.put((number, prompt_id, prompt, extra_data, outputs, sensitive))
