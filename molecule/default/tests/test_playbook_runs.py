@@ -53,6 +53,116 @@ def test_device_with_a_foreign_signature_is_refused_untouched(gpu_host):
     assert not gpu_host.mount_point("/mnt/refused").exists
 
 
+# A device with no signature that is not blank (CONTRACTS §3: formatting one destroys
+# workshop data). Both layouts go onto /dev/vdd, which is given its swap signature back after.
+DISK_HELPERS = REPO / "tests" / "disk_probe" / "disk_helpers.py"
+
+
+def one_line(text: str) -> str:
+    """Ansible's output with its YAML line wrapping undone."""
+    return " ".join(text.split())
+
+
+@pytest.fixture
+def vdd(gpu_host):
+    """/dev/vdd for one test; afterwards blank with its swap signature again, as prepare left it."""
+    yield "/dev/vdd"
+    gpu_host.run("umount /mnt/refused /mnt/wiped")
+    gpu_host.check_output(r"sed -i '\| /mnt/wiped |d' /etc/fstab")
+    gpu_host.check_output("blkdiscard --zeroout /dev/vdd && mkswap --label notafs /dev/vdd")
+
+
+def put_tar_archive(host, device: str) -> None:
+    """The first incident: a tar archive written to the raw device."""
+    host.check_output(f"blkdiscard --zeroout {device} && tar -cf {device} -C /etc ssh apt")
+
+
+def put_ext4_behind_an_erased_gpt(host, device: str) -> None:
+    """The second incident: a GPT with an ext4 partition at 1 MiB holding files, then
+    `wipefs -a` on the disk. Built in an image by the unit tests' own helpers (run by the
+    simulated host's Python), then copied onto the device."""
+    helpers = "/root/disk-probe/tests/disk_probe"
+    size = int(host.check_output(f"blockdev --getsize64 {device}"))
+    host.check_output(
+        f"mkdir -p {helpers} && cat > {helpers}/disk_helpers.py <<'PYEOF'\n"
+        f"{DISK_HELPERS.read_text()}PYEOF"
+    )
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        f"sys.path.insert(0, {helpers!r})\n"
+        "import disk_helpers as d\n"
+        "content = d.populated_dir(Path('/root/vdd-src'))\n"
+        f"d.ext4_behind_erased_gpt(Path('/root/vdd.img'), {size}, content)\n"
+    )
+    host.check_output(f"python3 - <<'PYEOF'\n{script}PYEOF")
+    host.check_output(
+        f"blkdiscard --zeroout {device}"
+        f" && dd if=/root/vdd.img of={device} bs=1M conv=sparse,notrunc,fsync status=none"
+        " && rm -rf /root/vdd.img /root/vdd-src /root/disk-probe"
+    )
+    assert host.run(f"blkid --probe {device}").rc == 2  # no signature at all ...
+    found = host.check_output(f"blkid --probe --offset 1048576 --output value -s TYPE {device}")
+    assert found == "ext4"  # ... and the filesystem intact at 1 MiB
+
+
+@pytest.mark.parametrize(
+    ("put", "found"),
+    [
+        (put_tar_archive, "non-zero data in the first 1 MiB (from byte 0)"),
+        (put_ext4_behind_an_erased_gpt, "a filesystem (ext4) at byte offset 1048576 (1 MiB)"),
+    ],
+    ids=["tar archive", "ext4 behind an erased GPT"],
+)
+def test_device_without_a_signature_that_is_not_blank_is_refused_untouched(
+    gpu_host, vdd, put, found
+):
+    put(gpu_host, vdd)
+    before = gpu_host.check_output(f"sha256sum {vdd}")
+    run = apply_role(
+        "storage",
+        storage_sfs_enabled=False,
+        storage_scratch_device=vdd,
+        storage_scratch_mount_point="/mnt/refused",
+    )
+    out = one_line(run.output)
+    assert run.rc != 0
+    assert f"{vdd} carries no filesystem but is not blank" in out
+    assert found in out
+    assert "Nothing was formatted" in out
+    assert "storage_scratch_wipe_nonblank=true" in out
+    assert gpu_host.check_output(f"sha256sum {vdd}") == before
+    assert not gpu_host.mount_point("/mnt/refused").exists
+
+
+def test_wipe_nonblank_wipes_formats_and_mounts_it(gpu_host, vdd):
+    put_tar_archive(gpu_host, vdd)
+    run = apply_role(
+        "storage",
+        storage_sfs_enabled=False,
+        storage_scratch_device=vdd,
+        storage_scratch_mount_point="/mnt/wiped",
+        storage_scratch_wipe_nonblank=True,
+    )
+    assert run.rc == 0, run.output[-3000:]
+    mount = gpu_host.mount_point("/mnt/wiped")
+    assert mount.exists and mount.filesystem == "ext4"
+    assert gpu_host.file("/mnt/wiped/outputs").is_directory
+    assert not gpu_host.file("/mnt/wiped/ssh").exists
+
+
+def test_missing_scratch_device_is_an_error_naming_the_variable(gpu_host):
+    run = apply_role(
+        "storage",
+        storage_sfs_enabled=False,
+        storage_scratch_device="/dev/vdz",
+        storage_scratch_mount_point="/mnt/refused",
+    )
+    assert run.rc != 0
+    assert "storage_scratch_device: /dev/vdz does not exist" in one_line(run.output)
+    assert not gpu_host.mount_point("/mnt/refused").exists
+
+
 def test_real_directory_where_a_link_goes_stops_the_play_and_is_kept(gpu_host):
     project = "/home/dev/safety-check"
     gpu_host.check_output(

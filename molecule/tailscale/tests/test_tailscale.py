@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def assert_key_nowhere_on_host(host) -> None:
         assert KEY not in content, log
     assert KEY not in host.check_output("ps -eww -o args=")
     assert KEY not in host.check_output("journalctl --no-pager -q -o cat || true")
-    assert host.check_output("find /run /tmp /root -name 'tailscale-authkey.*'") == ""
+    assert host.check_output("find /run /tmp /root -name '*tailscale-authkey*'") == ""
 
 
 # --------------------------------------------------------------- what converge left
@@ -117,7 +118,7 @@ def test_key_reached_tailscale_only_through_a_file(host):
     logins = [argv for argv in up_calls(host) if any(a.startswith("--auth-key") for a in argv)]
     assert logins
     for argv in logins:
-        assert re.fullmatch(r"--auth-key=file:/run/tailscale-authkey\.\S+", argv[2]), argv
+        assert argv[2] == "--auth-key=file:/run/tailscale-authkey", argv
         assert argv[-1] == "--accept-dns=false"  # tailscale_up_extra_args, last
     # The snapshot was taken while the `up` call (and the Ansible task around it) ran.
     snapshots = host.file(f"{LOG_DIR}/ps-during-up.log").content_string
@@ -145,7 +146,7 @@ def test_rejoin_never_shows_the_key_even_at_vvv(host):
     out = output_of(proc)
     assert proc.returncode == 0, out
     assert changed >= 1
-    assert "tailscale-authkey." in out  # the file was used ...
+    assert "--auth-key=file:/run/tailscale-authkey" in out  # the file was used ...
     assert KEY not in out  # ... and its content never printed
     assert status(host)["BackendState"] == "Running"
     assert_key_nowhere_on_host(host)
@@ -159,7 +160,7 @@ def test_changed_tags_rerun_up_without_the_key(host):
     assert not any(arg.startswith("--auth-key") for arg in last_up), last_up
     assert "--advertise-tags=tag:comfyume-gpu" in last_up
     assert status(host)["Self"]["Tags"] == ["tag:comfyume-gpu"]
-    assert "tailscale-authkey." not in proc.stdout  # no key file when none is needed
+    assert "tailscale-authkey" not in proc.stdout  # no key file when none is needed
 
 
 def test_state_absent_leaves_the_tailnet_and_stops_tailscaled(host):
@@ -198,7 +199,7 @@ def test_logged_out_node_without_key_fails_naming_the_variable(host):
     assert "tailscale_authkey is empty" in out
     assert "BackendState NeedsLogin" in out
     assert status(host)["BackendState"] == "NeedsLogin"
-    assert host.check_output("find /run -name 'tailscale-authkey.*'") == ""
+    assert host.check_output("find /run -name '*tailscale-authkey*'") == ""
 
 
 @pytest.mark.parametrize(
@@ -228,6 +229,22 @@ def test_role_joins_again_after_leaving(host):
     assert st["BackendState"] == "Running"
     assert st["Self"]["HostName"] == HOSTNAME
     assert KEY not in output_of(proc)
+    assert_key_nowhere_on_host(host)
+
+
+def test_a_key_file_left_by_a_killed_run_is_removed_by_the_next_run(host):
+    """A run killed while `tailscale up` waits never reaches its `always:` section: the key
+    file stays. The next run removes it first, and the randomly named files of the role's
+    earlier versions too, although this node needs no `up` at all."""
+    leftovers = ["/run/tailscale-authkey", "/run/tailscale-authkey.k1lL3d"]
+    for path in leftovers:
+        host.check_output(f"umask 077 && printf %s {shlex.quote(KEY)} > {path}")
+    proc, changed = run_role()
+    assert proc.returncode == 0, output_of(proc)
+    assert changed == 1, proc.stdout  # the removal, nothing else
+    assert KEY not in output_of(proc)
+    for path in leftovers:
+        assert not host.file(path).exists, path
     assert_key_nowhere_on_host(host)
 
 
