@@ -27,6 +27,19 @@ log = logging.getLogger("comfyui_worker.comfy")
 # after a connection that stayed up this long.
 WS_FIRST_RETRY = 0.05
 WS_STABLE_AFTER = 5.0
+# An execution error with one of these (and not out of memory) is the GPU's fault, not the
+# workflow's: the job goes back to the queue, and repeated ones take the worker out of service.
+GPU_FAULT_MARKERS = (
+    "CUDA error",
+    "CUDA driver",
+    "CUDA-capable device",
+    "no CUDA GPUs are available",
+    "cudaErrorSystemNotReady",
+    "system not yet initialized",
+    "GPU is lost",
+    "CUBLAS_STATUS_NOT_INITIALIZED",
+    "NVML",
+)
 OOM_MARKERS = ("OutOfMemoryError", "out of memory", "Allocation on device")
 
 
@@ -398,6 +411,9 @@ def execution_failure(error: dict[str, Any]) -> JobFailure:
         return JobFailure(
             "out_of_memory", f"GPU out of memory{where}: {exc_type}: {message}", details
         )
+    text = f"{exc_type}: {message}".lower()
+    if any(marker.lower() in text for marker in GPU_FAULT_MARKERS):
+        return JobFailure("gpu", f"GPU fault{where}: {exc_type}: {message}", details)
     return JobFailure("execution_error", f"ComfyUI error{where}: {exc_type}: {message}", details)
 
 

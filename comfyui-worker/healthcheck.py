@@ -25,6 +25,8 @@ def check(env: dict[str, str]) -> str | None:
         age = time.time() - float(doc["ts"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"worker loop: no health file ({exc})"
+    if doc.get("out_of_service"):
+        return f"out of service: {doc['out_of_service']}"
     if age > max_age:
         return f"worker loop: health file is {age:.0f} s old (limit {max_age:g} s)"
     url = (env.get("COMFYUI_URL") or "http://127.0.0.1:8188").rstrip("/") + "/system_stats"

@@ -9,6 +9,7 @@ tests can use it without either.
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import json
 import logging
@@ -22,6 +23,8 @@ from typing import Any
 log = logging.getLogger("comfyui_worker.vram")
 MIB = 1024 * 1024
 NVML_RETRY_S = 60.0
+# After a failed nvidia-smi, the next one waits 1 s, doubling up to this.
+SMI_BACKOFF_MAX_S = 60.0
 
 
 @dataclass
@@ -64,6 +67,8 @@ class VramProbe:
         self._nvml_failed_at: float | None = None
         self._nvml_error = "NVML not installed" if self._nvml is None else ""
         self.last_error: str | None = None
+        self._smi_failures = 0
+        self._smi_next_at = 0.0
 
     def _nvml_handle(self) -> Any:
         if self._handle is not None or self._nvml is None:
@@ -80,15 +85,38 @@ class VramProbe:
         return self._handle
 
     def read(self) -> VramReading | None:
+        reading = self._try_nvml()
+        return reading if reading is not None else self._read_smi()
+
+    async def aread(self) -> VramReading | None:
+        """read() for the event loop: nvidia-smi (a subprocess, up to 10 s) runs in a thread,
+        and after failures not again before a backoff of 1 s doubling to 60 s."""
+        reading = self._try_nvml()
+        if reading is not None:
+            return reading
+        now = time.monotonic()
+        if now < self._smi_next_at:
+            return None  # last_error still says why
+        reading = await asyncio.to_thread(self._read_smi)
+        if reading is None:
+            self._smi_failures += 1
+            delay = min(2.0 ** (self._smi_failures - 1), SMI_BACKOFF_MAX_S)
+            self._smi_next_at = time.monotonic() + delay
+        else:
+            self._smi_failures, self._smi_next_at = 0, 0.0
+        return reading
+
+    def _try_nvml(self) -> VramReading | None:
         handle = self._nvml_handle()
         if handle is not None:
             try:
                 return self._read_nvml(handle)
             except Exception as exc:
                 self._nvml_error = f"NVML: {exc}"
+                self.last_error = self._nvml_error
                 self._handle = None
                 self._nvml_failed_at = time.monotonic()
-        return self._read_smi()
+        return None
 
     def _read_nvml(self, handle: Any) -> VramReading:
         nvml = self._nvml

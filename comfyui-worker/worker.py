@@ -44,6 +44,15 @@ FORCED_GRACE = 1.0
 RESTART_GRACE = 5.0
 # The calls made once a prompt has stopped (or was given up on) are bounded by this.
 AFTER_STOP_CALL_TIMEOUT = 2.0
+# With GPU_REQUIRED, this many unreadable GPU readings in a row take the worker out of service.
+GPU_MISSES = 2
+# Failures that are the worker's or its GPU's, not the workflow's: the job goes back to the
+# queue (an attempt), and WORKER_MAX_INFRA_FAILURES of them in a row take the worker out of
+# service.
+INFRA_KINDS = ("gpu", "comfyui")
+# The exit code of a worker that took itself out of service: Docker restarts the container,
+# which also gives it its GPU devices anew (CONTRACTS §3).
+EXIT_OUT_OF_SERVICE = 3
 
 
 class _Stop(Exception):
@@ -113,6 +122,10 @@ class Worker:
         self.forced = asyncio.Event()
         # Why the worker stopped by itself (a helper that kept failing); the exit code is 1.
         self.fatal: str | None = None
+        # Why the worker took itself out of service (its GPU, or ComfyUI failing every job).
+        self.out_of_service: str | None = None
+        self._gpu_misses = 0
+        self._infra_failures = 0
         self.state = "starting"
         self.current: ClaimedJob | None = None
         self.counts = {"completed": 0, "failed": 0, "cancelled": 0, "requeued": 0}
@@ -173,7 +186,7 @@ class Worker:
             await self._watch_helpers(main, watched)
             await main
         finally:
-            self.state = "stopped"
+            self.state = "out_of_service" if self.out_of_service else "stopped"
             await self._final_heartbeat()
             for task in helpers:
                 task.cancel()
@@ -185,7 +198,10 @@ class Worker:
             if self.comfy_process:
                 await self.comfy_process.stop()
             with contextlib.suppress(OSError):
-                os.unlink(self.cfg.health_file)
+                if self.out_of_service:  # the health check says why until the restart
+                    self._write_health({"ts": 0, "out_of_service": self.out_of_service})
+                else:
+                    os.unlink(self.cfg.health_file)
             log.info(
                 "stopped: %d completed, %d failed, %d cancelled, %d put back",
                 self.counts["completed"],
@@ -263,6 +279,12 @@ class Worker:
                     self._set_state("waiting_for_comfyui")
                     await self._sleep_or_stop(backoff.next())
                     continue
+            gpu_unknown = self._gpu_misses or self._last_reading is None
+            if self.cfg.gpu_required and gpu_unknown and await self._read_gpu() is None:
+                # No job is taken on a GPU that cannot be read.
+                self._set_state("gpu_unreadable")
+                await self._sleep_or_stop(min(1.0, self.cfg.heartbeat_interval))
+                continue
             try:
                 job = await self.source.claim()
             except SourceUnavailable:
@@ -309,8 +331,14 @@ class Worker:
         log.info("claimed job (user %s)", job.user_id)
         try:
             await drive(self.stages, JobRun(job))
+            self._infra_failures = 0
         except JobFailure as failure:
-            await self._report_failure(job, self.files.scrub(job, failure))
+            failure = self.files.scrub(job, failure)
+            if failure.kind in INFRA_KINDS:
+                await self._infra_failure(job, failure)
+            else:
+                self._infra_failures = 0
+                await self._report_failure(job, failure)
         except Exception as exc:  # a bug must fail one job, not the worker
             log.exception("internal error while running the job")
             failure = JobFailure("internal", f"worker internal error: {type(exc).__name__}: {exc}")
@@ -320,6 +348,56 @@ class Worker:
             if hasattr(self.source, "current_job_id"):
                 self.source.current_job_id = None  # type: ignore[attr-defined]
             job_id_var.reset(token)
+
+    async def _infra_failure(self, job: ClaimedJob, failure: JobFailure) -> None:
+        """Not the workflow's fault: back to the queue for another worker (an attempt)."""
+        self._infra_failures += 1
+        reason = f"{failure.message} (on worker {self.cfg.worker_id})"
+        verdict = await self._persist(lambda: self.source.retry(job, reason, 0))
+        if verdict == "requeued":
+            self.counts["requeued"] += 1
+        elif verdict == "failed":
+            self.counts["failed"] += 1
+        elif verdict == "unsupported":
+            await self._report_failure(job, failure)
+        if self._infra_failures >= self.cfg.max_infra_failures:
+            self.take_out_of_service(
+                f"{self._infra_failures} jobs in a row failed for reasons that are not their "
+                f"workflows' (WORKER_MAX_INFRA_FAILURES={self.cfg.max_infra_failures}); "
+                f"last: {failure.message.splitlines()[0]}"
+            )
+
+    def take_out_of_service(self, reason: str) -> None:
+        """Stop claiming, say why (status, health file, log) and exit so Docker restarts us."""
+        if self.out_of_service:
+            return
+        self.out_of_service = reason
+        log.error(
+            "out of service: %s. The worker takes no more jobs and exits (code %d) so that "
+            "Docker restarts its container",
+            reason,
+            EXIT_OUT_OF_SERVICE,
+        )
+        self._set_state("out_of_service")
+        self.request_stop()
+
+    async def _read_gpu(self) -> vram.VramReading | None:
+        """One reading of this worker's GPU; with GPU_REQUIRED, a GPU that cannot be read
+        GPU_MISSES times in a row takes the worker out of service."""
+        reading = await self.probe.aread()
+        if reading is not None:
+            self._last_reading = reading
+            self._gpu_misses = 0
+            return reading
+        if self.cfg.gpu_required:
+            self._gpu_misses += 1
+            self.states.set("gpu", "unreadable", str(self.probe.last_error), logging.WARNING)
+            if self._gpu_misses >= GPU_MISSES:
+                self.take_out_of_service(
+                    f"GPU {self.cfg.gpu_index} cannot be read ({self.probe.last_error}) and "
+                    "GPU_REQUIRED=true"
+                )
+        return None
 
     async def _admit_stage(self, run: JobRun) -> bool:
         return await self._admit(run.job)
@@ -452,6 +530,12 @@ class Worker:
                 return True
             if verdict == "never":
                 raise JobFailure("vram", reason, {"vram": need.as_dict()})
+            if verdict == "gpu_lost":
+                if not await self._put_back(job, reason):
+                    raise JobFailure("gpu", reason)
+                if self.out_of_service is None:  # one miss so far: read again before the next
+                    self._gpu_misses = max(self._gpu_misses, 1)
+                return False
             delay = self._vram_backoff.next()
             verdict = await self._persist(
                 lambda why=reason, wait=delay: self.source.retry(job, why, wait)
@@ -473,7 +557,10 @@ class Worker:
             await self._sleep_or_stop(delay)
 
     async def _measure(self, need: vram.Estimate) -> tuple[str, str]:
-        reading = self.probe.read()
+        reading = await self._read_gpu()
+        if reading is None and self.cfg.gpu_required:
+            # The job is not at fault: it goes back, not counted, for a worker with a GPU.
+            return "gpu_lost", f"GPU {self.cfg.gpu_index} cannot be read ({self.probe.last_error})"
         if reading is None:
             if self.cfg.vram_check == "auto":
                 self.states.set(
@@ -501,7 +588,7 @@ class Worker:
         deadline = time.monotonic() + self.cfg.vram_free_wait
         while time.monotonic() < deadline:
             await asyncio.sleep(min(0.2, self.cfg.vram_free_wait))
-            reading = self.probe.read() or reading
+            reading = await self.probe.aread() or reading
             if reading.free_mb >= required:
                 return "run", ""
         self._last_reading = reading
@@ -674,6 +761,7 @@ class Worker:
         return {
             "worker_id": self.cfg.worker_id,
             "state": self.state,
+            "out_of_service": self.out_of_service,
             "current_job": self.current.id if self.current else None,
             "jobs_completed": self.counts["completed"],
             "jobs_failed": self.counts["failed"],
@@ -695,9 +783,8 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         """Refresh the heartbeat every HEARTBEAT_INTERVAL whatever the worker is doing."""
         while True:
-            reading = self.probe.read() if self.cfg.vram_check != "off" else None
-            if reading is not None:
-                self._last_reading = reading
+            if self.cfg.vram_check != "off" or self.cfg.gpu_required:
+                await self._read_gpu()
             with contextlib.suppress(SourceUnavailable):
                 await self.source.heartbeat(self.status())
             self._heartbeat_now.clear()
@@ -715,22 +802,25 @@ class Worker:
         with contextlib.suppress(SourceUnavailable, Exception):
             await asyncio.wait_for(self.source.heartbeat(self.status()), 2)
 
+    def _write_health(self, doc: dict[str, Any]) -> None:
+        tmp = f"{self.cfg.health_file}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(doc, fh)
+        os.replace(tmp, self.cfg.health_file)
+
     async def _health_loop(self, main: asyncio.Task[None]) -> None:
         """Writes HEALTH_FILE while the main loop lives; the HEALTHCHECK reads it."""
-        path = self.cfg.health_file
         while not main.done():
             doc = {
                 "ts": time.time(),
                 "state": self.state,
+                "out_of_service": self.out_of_service,
                 "pid": os.getpid(),
                 "comfyui_connected": self.comfy.connected.is_set(),
                 "current_job": self.current.id if self.current else None,
             }
             try:
-                tmp = f"{path}.tmp"
-                with open(tmp, "w", encoding="utf-8") as fh:
-                    json.dump(doc, fh)
-                os.replace(tmp, path)
+                self._write_health(doc)
             except OSError as exc:
                 self.states.set("health file", "unwritable", str(exc), logging.WARNING)
             await asyncio.sleep(self.cfg.health_interval)
@@ -790,6 +880,8 @@ async def _amain(cfg: Config) -> int:
     if cfg.queue_source == "redis" and not cfg.redis_password:
         log.warning("REDIS_PASSWORD is empty; the platform's Redis requires one")
     await worker.run()
+    if worker.out_of_service:
+        return EXIT_OUT_OF_SERVICE
     if worker.fatal:
         log.error("exiting with code 1: %s", worker.fatal)
         return 1

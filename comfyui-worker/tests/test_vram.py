@@ -115,6 +115,9 @@ class FakeProbe:
         self.reads += 1
         return vram.VramReading(0, self.total, self.free, self.total - self.free, "nvml")
 
+    async def aread(self):
+        return self.read()
+
 
 class FakeComfy:
     """Frees `frees` MiB on the probe when asked, as ComfyUI unloading its models would."""

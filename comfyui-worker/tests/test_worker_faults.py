@@ -426,3 +426,111 @@ def test_a_vanished_workers_job_is_taken_over_by_a_live_one(r, comfyui, worker_e
     # Once by ComfyUI for the vanished worker, once for the live one: never by two live ones.
     assert prompts_per_job(comfyui, [job_id])[job_id] == 2
     print(f"taken over and completed {taken_after:.1f} s after the kill (TTL {ttl} s)")
+
+
+# -- a worker that cannot do its work takes itself out of service --------------------------------
+
+
+def _healthcheck(env: dict) -> subprocess.CompletedProcess:
+    import sys
+
+    check = [sys.executable, str(Path(__file__).parents[1] / "healthcheck.py")]
+    return subprocess.run(check, env=env, capture_output=True, text=True)
+
+
+def test_a_lost_gpu_takes_the_worker_out_of_service(r, comfyui, worker_env, start_worker):
+    """CONTRACTS §3: containers lose their GPUs after a daemon-reload. Before: VRAM_CHECK=auto
+    admitted every job with an unreadable GPU and the health check never looked."""
+    state = Path(worker_env["HEALTH_FILE"]).with_name("nvml.json")
+    state.write_text(json.dumps({"total_mb": 81559, "free_mb": 80000, "name": "Fake H100"}))
+    worker_env.update(
+        PYTHONPATH=str(Path(__file__).parent / "fakes"),
+        FAKE_NVML_FILE=str(state),
+        GPU_REQUIRED="true",
+        VRAM_CHECK="auto",
+        HEARTBEAT_TTL="4",
+        HEARTBEAT_INTERVAL="0.5",
+    )
+    worker = start_worker(worker_env)
+    assert wait_job(r, submit(r, image_workflow()))["status"] == "completed"
+    state.write_text(json.dumps({"lost": True}))  # mid-run, as after `systemctl daemon-reload`
+    job_id = submit(r, image_workflow())
+    assert worker.wait(timeout=20) == 3  # Docker's restart policy starts it afresh
+    doc = job(r, job_id)
+    assert doc["status"] == "pending", doc  # not failed, and not counted against the job
+    assert "attempts" not in (doc.get("metadata") or {})
+    status = json.loads(r.get(f"worker:{worker_env['WORKER_ID']}:status"))
+    assert status["state"] == "out_of_service"
+    assert "GPU 0 cannot be read" in status["out_of_service"]
+    assert "GPU is lost" in status["out_of_service"]
+    assert "out of service: GPU 0 cannot be read" in worker.log()
+    check = _healthcheck({**worker_env, "HEALTH_MAX_AGE": "60"})
+    assert check.returncode == 1 and "out of service: GPU 0 cannot be read" in check.stdout
+
+
+def test_repeated_gpu_faults_take_the_worker_out_of_service(r, comfyui, worker_env, start_worker):
+    """A CUDA error is the GPU's fault, not the workflow's: the job goes back for another
+    worker, and WORKER_MAX_INFRA_FAILURES of them in a row stop this one."""
+    worker_env.update(WORKER_MAX_INFRA_FAILURES="2", WORKER_MAX_ATTEMPTS="5")
+    worker = start_worker(worker_env)
+    cuda = node_workflow(
+        "StandInRaise", message="CUDA error: unspecified launch failure", exception="RuntimeError"
+    )
+    job_id = submit(r, cuda)
+    assert worker.wait(timeout=30) == 3
+    doc = job(r, job_id)
+    assert doc["status"] == "pending" and doc["metadata"]["attempts"] == 2, doc
+    status = json.loads(r.get(f"worker:{worker_env['WORKER_ID']}:status"))
+    assert "WORKER_MAX_INFRA_FAILURES=2" in status["out_of_service"]
+    assert "CUDA error" in status["out_of_service"]
+
+
+def test_a_workflow_error_is_not_the_workers_fault(r, comfyui, worker_env, start_worker):
+    worker_env.update(WORKER_MAX_INFRA_FAILURES="1")
+    worker = start_worker(worker_env)
+    doc = wait_job(
+        r, submit(r, node_workflow("StandInRaise", message="bad input", exception="ValueError"))
+    )
+    assert doc["status"] == "failed" and doc["result"]["error_kind"] == "execution_error"
+    assert wait_job(r, submit(r, image_workflow()))["status"] == "completed"
+    assert worker.process.poll() is None
+
+
+@pytest.mark.parametrize(
+    ("exc_type", "message", "kind"),
+    [
+        ("RuntimeError", "CUDA error: unspecified launch failure", "gpu"),
+        ("RuntimeError", "CUDA error: out of memory", "out_of_memory"),
+        ("RuntimeError", "No CUDA GPUs are available", "gpu"),
+        ("RuntimeError", "cudaErrorSystemNotReady: system not yet initialized", "gpu"),
+        ("ValueError", "bad input", "execution_error"),
+    ],
+)
+def test_gpu_faults_are_told_from_workflow_errors(exc_type, message, kind):
+    from comfy_client import execution_failure
+
+    failure = execution_failure({"exception_type": exc_type, "exception_message": message})
+    assert failure.kind == kind
+
+
+def test_nvidia_smi_runs_off_the_loop_and_backs_off(tmp_path):
+    """A failing nvidia-smi (no NVML) is not run again at every reading: 1 s doubling to 60."""
+    import vram
+
+    calls = tmp_path / "calls"
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\necho x >> {calls}\nexit 9\n")
+    smi.chmod(0o755)
+
+    class NoNvml:
+        def nvmlInit(self):
+            raise RuntimeError("no driver")
+
+    probe = vram.VramProbe(0, nvml=NoNvml(), smi=str(smi))
+
+    async def readings() -> list:
+        return [await probe.aread() for _ in range(20)]
+
+    assert asyncio.run(readings()) == [None] * 20
+    assert len(calls.read_text().splitlines()) == 1
+    assert "nvidia-smi" in probe.last_error

@@ -3,7 +3,8 @@
 Tests put this folder first on PYTHONPATH of a worker process. Each call reads the JSON file named
 by FAKE_NVML_FILE, so a test changes the GPU's memory while the worker runs:
 {"total_mb": 81559, "free_mb": 80000, "used_mb": 1559, "name": "NVIDIA H100", "processes": []}
-Without the file, nvmlInit fails like a host without the driver.
+Without the file, nvmlInit fails like a host without the driver. With "lost": true every call
+fails as NVML does for a GPU that fell off the bus or a container that lost its devices.
 """
 
 import json
@@ -21,9 +22,12 @@ def _state():
     path = os.environ.get("FAKE_NVML_FILE", "")
     try:
         with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+            state = json.load(fh)
     except (OSError, ValueError) as exc:
         raise NVMLError(f"NVML Shared Library Not Found ({exc})") from None
+    if state.get("lost"):
+        raise NVMLError("GPU is lost")
+    return state
 
 
 def nvmlInit():
