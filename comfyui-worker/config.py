@@ -93,6 +93,8 @@ class Config:
     orphan_check_interval: float = 10.0
     max_infra_failures: int = 3
     gpu_required: bool = False
+    metrics_address: str = "127.0.0.1"
+    metrics_port: int = 0
     comfyui_start: bool = False
     comfyui_dir: str = "/opt/ComfyUI"
     comfyui_python: str = sys.executable
@@ -206,6 +208,9 @@ class Config:
                 "WORKER_MAX_INFRA_FAILURES", d.max_infra_failures, 1, 1000
             ),
             gpu_required=reader.bool("GPU_REQUIRED", d.gpu_required),
+            metrics_address=reader.str("METRICS_ADDRESS", d.metrics_address)
+            or reader.problem("METRICS_ADDRESS", "empty"),
+            metrics_port=reader.int("METRICS_PORT", d.metrics_port, 0, 65535),
             comfyui_start=reader.bool("COMFYUI_START", d.comfyui_start),
             comfyui_dir=reader.str("COMFYUI_DIR", d.comfyui_dir),
             comfyui_python=reader.str("COMFYUI_PYTHON", d.comfyui_python),

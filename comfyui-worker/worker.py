@@ -32,11 +32,15 @@ from exchange import ExchangeClient
 from files import FileStages
 from jobs import ClaimedJob, JobFailure, JobSource, SourceUnavailable, utc_now_iso
 from logs import StateLog, job_id_var
+from metrics import JobEvents, MetricsServer
 from pipeline import JobRun, Stage, drive
 from supervisor import ComfyProcess
 from tasks import HelperFailed, keep_running
 
 log = logging.getLogger("comfyui_worker")
+
+# The worker's version, for its build-info metric and status record.
+WORKER_VERSION = "0.12.0"
 
 # After a second stop signal, ComfyUI gets this long to honour the interrupt.
 FORCED_GRACE = 1.0
@@ -128,7 +132,9 @@ class Worker:
         self._infra_failures = 0
         self.state = "starting"
         self.current: ClaimedJob | None = None
-        self.counts = {"completed": 0, "failed": 0, "cancelled": 0, "requeued": 0}
+        self.events = JobEvents(cfg.worker_id, socket.gethostname(), WORKER_VERSION)
+        self.counts = self.events.counts  # what the status record shows, kept by the hook
+        self.metrics: MetricsServer | None = None
         self.started_at = utc_now_iso()
         self._vram_backoff = Backoff(cfg.vram_backoff_max, cfg.vram_backoff)
         self._last_reading: vram.VramReading | None = None
@@ -173,6 +179,9 @@ class Worker:
         await self.comfy.start()
         if self.exchange:
             await self.exchange.start()
+        if self.cfg.metrics_port:
+            self.metrics = MetricsServer(self.events, self._sync_metrics)
+            await self.metrics.start(self.cfg.metrics_address, self.cfg.metrics_port)
         main = asyncio.create_task(self._main_loop(), name="main-loop")
         helpers = [
             asyncio.create_task(keep_running("heartbeat", self._heartbeat_loop), name="heartbeat"),
@@ -195,6 +204,8 @@ class Worker:
             await self.source.close()
             if self.exchange:
                 await self.exchange.close()
+            if self.metrics:
+                await self.metrics.close()
             if self.comfy_process:
                 await self.comfy_process.stop()
             with contextlib.suppress(OSError):
@@ -227,6 +238,10 @@ class Worker:
                     continue
                 log.error("stopping the worker: %s", self.fatal)
                 self.request_stop()
+
+    def _sync_metrics(self) -> None:
+        restarts = self.comfy_process.restarts if self.comfy_process else None
+        self.events.sync(restarts, getattr(self.comfy, "reconnects", 0), self.comfy.version)
 
     async def _sleep_or_stop(self, seconds: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
@@ -318,6 +333,7 @@ class Worker:
     def _set_state(self, state: str) -> None:
         if state != self.state:
             self.state = state
+            self.events.set_state(state)
             self._heartbeat_now.set()
 
     # -- one job ---------------------------------------------------------------------------
@@ -328,6 +344,7 @@ class Worker:
         if hasattr(self.source, "current_job_id"):
             self.source.current_job_id = job.id  # type: ignore[attr-defined]
         self._set_state("running")
+        self.events.claimed(job)
         log.info("claimed job (user %s)", job.user_id)
         try:
             await drive(self.stages, JobRun(job))
@@ -355,9 +372,9 @@ class Worker:
         reason = f"{failure.message} (on worker {self.cfg.worker_id})"
         verdict = await self._persist(lambda: self.source.retry(job, reason, 0))
         if verdict == "requeued":
-            self.counts["requeued"] += 1
+            self.events.requeued(failure.kind)
         elif verdict == "failed":
-            self.counts["failed"] += 1
+            self.events.ended("failed", job)
         elif verdict == "unsupported":
             await self._report_failure(job, failure)
         if self._infra_failures >= self.cfg.max_infra_failures:
@@ -388,6 +405,7 @@ class Worker:
         if reading is not None:
             self._last_reading = reading
             self._gpu_misses = 0
+            self.events.gpu(reading)
             return reading
         if self.cfg.gpu_required:
             self._gpu_misses += 1
@@ -411,7 +429,7 @@ class Worker:
                 log.debug("queued prompt %s in ComfyUI", job.prompt_id)
                 break
             except ComfyUnavailable as exc:
-                if await self._put_back(job, f"ComfyUI unreachable ({exc})"):
+                if await self._put_back(job, f"ComfyUI unreachable ({exc})", "comfyui_unreachable"):
                     return False
                 await self._until_stopped(self.comfy.connected.wait(), self.cfg.backoff_max)
                 if self._deadline_passed(job):
@@ -459,7 +477,7 @@ class Worker:
         }
         verdict = await self._persist(lambda: self.source.complete(job, result))
         if verdict == "ok":
-            self.counts["completed"] += 1
+            self.events.ended("completed", job)
             log.info(
                 "completed: %d output(s) in %s, ComfyUI ran %s ms",
                 len(run.files),
@@ -467,7 +485,7 @@ class Worker:
                 None if outcome.execution_ms is None else round(outcome.execution_ms),
             )
         elif verdict == "cancelled":
-            self.counts["cancelled"] += 1
+            self.events.ended("cancelled", job)
             log.info("finished, but the job was cancelled meanwhile")
         else:
             log.warning("finished, but the job is no longer ours to report (%s)", verdict)
@@ -478,10 +496,10 @@ class Worker:
             lambda: self.source.fail(job, failure.message, failure.result())
         )
         if verdict == "ok":
-            self.counts["failed"] += 1
+            self.events.ended("failed", job)
             log.warning("failed (%s): %s", failure.kind, failure.message.splitlines()[0])
         elif verdict == "cancelled":
-            self.counts["cancelled"] += 1
+            self.events.ended("cancelled", job)
             log.info("job was cancelled")
         else:
             log.warning("failed (%s), but the job is no longer ours to report", failure.kind)
@@ -501,7 +519,7 @@ class Worker:
                     return "unreported"
                 await asyncio.sleep(backoff.next())
 
-    async def _put_back(self, job: ClaimedJob, reason: str) -> bool:
+    async def _put_back(self, job: ClaimedJob, reason: str, kind: str = "other") -> bool:
         """Requeue with the original score; False when the source cannot (HTTP API)."""
         try:
             verdict = await self._persist(lambda: self.source.requeue(job, reason))
@@ -511,7 +529,7 @@ class Worker:
         # running under this worker and goes back when the worker (or a live one) recovers it.
         ok = verdict is True
         if ok:
-            self.counts["requeued"] += 1
+            self.events.requeued(kind)
         return ok
 
     # -- VRAM admission --------------------------------------------------------------------
@@ -529,23 +547,26 @@ class Worker:
                 self._vram_backoff.reset()
                 return True
             if verdict == "never":
+                self.events.refused("vram_never")
                 raise JobFailure("vram", reason, {"vram": need.as_dict()})
             if verdict == "gpu_lost":
-                if not await self._put_back(job, reason):
+                self.events.refused("gpu_unreadable")
+                if not await self._put_back(job, reason, "gpu_unreadable"):
                     raise JobFailure("gpu", reason)
                 if self.out_of_service is None:  # one miss so far: read again before the next
                     self._gpu_misses = max(self._gpu_misses, 1)
                 return False
+            self.events.refused("vram_short")
             delay = self._vram_backoff.next()
             verdict = await self._persist(
                 lambda why=reason, wait=delay: self.source.retry(job, why, wait)
             )
             if verdict == "requeued":
                 # Deferred by `delay` for every worker; the jobs behind it run meanwhile.
-                self.counts["requeued"] += 1
+                self.events.requeued("vram")
                 return False
             if verdict == "failed":
-                self.counts["failed"] += 1
+                self.events.ended("failed", job)
                 log.warning("failed: %s, and the job reached WORKER_MAX_ATTEMPTS", reason)
                 return False
             if verdict != "unsupported":  # cancelled, no longer ours, or unreported
@@ -740,10 +761,10 @@ class Worker:
         if stop.reason == "cancelled":
             with contextlib.suppress(SourceUnavailable):
                 await self.source.mark_cancelled(job)
-            self.counts["cancelled"] += 1
+            self.events.ended("cancelled", job)
             log.info("cancelled through the platform; %s", how)
         elif stop.reason == "shutdown":
-            if not await self._put_back(job, f"worker stopping; {how}"):
+            if not await self._put_back(job, f"worker stopping; {how}", "shutdown"):
                 await self._report_failure(
                     job, JobFailure("shutdown", f"worker stopped before the job finished; {how}")
                 )
@@ -768,6 +789,7 @@ class Worker:
             "jobs_cancelled": self.counts["cancelled"],
             "jobs_requeued": self.counts["requeued"],
             "vram": reading.as_dict() if reading else None,
+            "worker_version": WORKER_VERSION,
             "comfyui_version": self.comfy.version,
             "comfyui_connected": self.comfy.connected.is_set(),
             "comfyui_restarts": self.comfy_process.restarts if self.comfy_process else None,

@@ -413,6 +413,7 @@ def test_a_vanished_workers_job_is_taken_over_by_a_live_one(r, comfyui, worker_e
     gone = start_worker(worker_env, "gone")
     job_id = submit(r, node_workflow("StandInSleep", seconds=1.0, steps=10))
     wait_job(r, job_id, ("running",))
+    wait_for(lambda: prompts_per_job(comfyui, [job_id])[job_id] == 1, 10, "the prompt in ComfyUI")
     os.killpg(gone.process.pid, signal.SIGKILL)  # the host is gone: never restarted
     gone.wait()
     killed = time.monotonic()
