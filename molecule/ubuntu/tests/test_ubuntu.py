@@ -50,13 +50,19 @@ def test_engine_is_active_and_enabled(host):
     assert host.run("docker info --format '{{.ServerVersion}}'").rc == 0
 
 
-def test_daemon_json_is_owned_by_the_role(host):
+def test_daemon_json_is_merged_not_replaced(host):
+    """The host had data-root and a log option of its own (prepare.yml): both stay, the role's
+    keys win where they overlap, and the previous file is kept beside it."""
     daemon = host.file("/etc/docker/daemon.json")
     assert (daemon.user, daemon.group, daemon.mode) == ("root", "root", 0o644)
     config = json.loads(daemon.content_string)
+    assert config["data-root"] == "/var/lib/docker-data"
     assert config["log-driver"] == "json-file"
-    assert config["log-opts"] == {"max-size": "50m", "max-file": "3"}
+    assert config["log-opts"] == {"labels": "comfyume-site", "max-size": "50m", "max-file": "3"}
     assert "runtimes" not in config
+    assert host.check_output("docker info --format '{{.DockerRootDir}}'") == "/var/lib/docker-data"
+    backups = host.check_output("ls /etc/docker").split()
+    assert [b for b in backups if b.startswith("daemon.json.") and b.endswith("~")], backups
 
 
 def test_compose_v2_runs_a_service(host):
