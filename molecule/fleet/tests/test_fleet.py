@@ -7,8 +7,8 @@ import json
 
 import pytest
 import submit_job
-from conftest import APP_HOST, GPU_HOSTS, REPO, run_playbook
-from simlib import container_address, inspect
+from conftest import GPU_HOSTS, REPO, run_playbook
+from simlib import inspect
 
 WORKER_DIR = "/home/dev/comfyume/comfyui-worker"
 CACHE = "/mnt/sfs/cache/images"
@@ -105,35 +105,3 @@ def test_a_truncated_tarball_is_refused_and_replaced_for_the_whole_fleet(hosts):
     assert record(second)["source"] == "cache"
     for host in (first, second):
         assert inspect(host, "worker-1")["State"]["Health"]["Status"] == "healthy"
-
-
-def test_the_builder_pushed_to_the_registry_and_a_host_without_the_cache_pulls(hosts):
-    """worker_image_registry: the fleet's registry (Debian's docker-registry on the app
-    server). The host that built pushed the tag; a host that cannot see the cache (its SFS
-    share away) pulls it from there instead of building."""
-    image = running_image(hosts["fleet-gpu-1"])
-    name, tag = image.split(":", 1)
-    registry = f"{container_address(APP_HOST)}:5000"
-    records = {n: record(h) for n, h in hosts.items()}
-    builder = next(n for n, r in records.items() if r["source"] == "build")
-    assert "push" in [s["step"] for s in records[builder]["steps"]], records[builder]
-    target = next(n for n in GPU_HOSTS if n != builder)
-    host = hosts[target]
-    listed = json.loads(host.check_output(f"curl -fsS http://{registry}/v2/{name}/tags/list"))
-    assert tag in listed["tags"], listed
-
-    host.check_output(f"cd {WORKER_DIR} && docker compose down && docker image rm {image}")
-    run = run_playbook(
-        REPO / "playbooks" / "worker.yml",
-        "-l",
-        target,
-        "-e",
-        "worker_image_cache_dir=/nonexistent-sfs/cache/images",
-    )
-    assert run.rc == 0, run.output[-3000:]
-    pulled = record(host)
-    assert pulled["source"] == "registry", pulled
-    assert "build" not in [s["step"] for s in pulled["steps"]]
-    assert inspect(host, "worker-1")["State"]["Health"]["Status"] == "healthy"
-    image_id = f"docker image inspect -f '{{{{.Id}}}}' {image}"
-    assert host.check_output(image_id) == hosts[builder].check_output(image_id)
