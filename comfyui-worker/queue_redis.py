@@ -174,8 +174,8 @@ class RedisJobSource:
         self._drop_ghost = self.redis.register_script(DROP_GHOST_LUA)
         self._peek = self.redis.register_script(PEEK_LUA)
         self._refuse = self.redis.register_script(REFUSE_LUA)
-        # Workers whose heartbeat key was seen missing, and since when (monotonic).
-        self._missing: dict[str, float] = {}
+        # Workers whose heartbeat key was seen missing, and since when (monotonic, unix).
+        self._missing: dict[str, tuple[float, float]] = {}
         self._owners: dict[str, tuple[float, str | None]] = {}
         self._wake = asyncio.Event()
         self._cancel_hint = asyncio.Event()
@@ -248,7 +248,7 @@ class RedisJobSource:
             event = json.loads(data)
             kind = event.get("type")
             job = event.get("data") or {}
-        except (ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError, AttributeError, RecursionError):
             return
         if not isinstance(job, dict):
             job = {}
@@ -592,12 +592,15 @@ class RedisJobSource:
             job_id = member.decode()
             known = self._owners.get(job_id)
             if known is None or known[0] != score:  # claimed again since: read its owner again
-                head = await self._call(self.redis.getrange(f"job:{job_id}", 0, SALVAGE_BYTES - 1))
-                known = (score, _owner_of(head))
+                # The whole JSON, once per claim: worker_id comes after the workflow.
+                raw = await self._call(self.redis.get(f"job:{job_id}"))
+                doc, _ = _parse(raw) if raw is not None else (None, None)
+                owner = (doc or {}).get("worker_id")
+                known = (score, owner if isinstance(owner, str) else None)
             owners[job_id] = known
         self._owners = owners
         others = sorted({w for _, w in owners.values() if w and w != self.cfg.worker_id})
-        now = time.monotonic()
+        now, wall = time.monotonic(), time.time()
         if others:
             pipe = self.redis.pipeline(transaction=False)
             for worker in others:
@@ -607,13 +610,18 @@ class RedisJobSource:
                 if up:
                     self._missing.pop(worker, None)
                 else:
-                    self._missing.setdefault(worker, now)
+                    self._missing.setdefault(worker, (now, wall))
         self._missing = {w: t for w, t in self._missing.items() if w in others}
         taken = []
-        for job_id, (_, worker) in owners.items():
-            since = self._missing.get(worker or "")
-            if worker is None or since is None or now - since < grace:
+        for job_id, (claimed, worker) in owners.items():
+            seen = self._missing.get(worker or "")
+            if worker is None or seen is None or now - seen[0] < grace:
                 continue
+            if claimed >= seen[1]:
+                # Claimed after its worker was seen gone: a worker restarted under the same id
+                # that has not beaten yet. Not an orphan.
+                continue
+            since = seen[0]
             why = (
                 f"worker {worker} vanished while running it (its heartbeat key has been gone for "
                 f"{now - since + self.cfg.heartbeat_ttl:.0f} s or more)"
@@ -657,8 +665,8 @@ def _parse(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
     """The job's JSON as a dict, or None plus a reason the job must fail."""
     try:
         doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return None, f"job JSON is malformed: {exc}"
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        return None, f"job JSON is malformed: {type(exc).__name__}: {str(exc)[:200]}"
     if not isinstance(doc, dict):
         return None, f"job JSON is a {type(doc).__name__}, not an object"
     return doc, None
@@ -673,10 +681,6 @@ def _field(raw: bytes | None, name: str) -> str | None:
         return None
     match = re.search(rb'"%s"\s*:\s*"([^"\\]{1,200})"' % name.encode(), raw)
     return match.group(1).decode(errors="replace") if match else None
-
-
-def _owner_of(raw: bytes | None) -> str | None:
-    return _field(raw, "worker_id")
 
 
 def _float(value: Any) -> float:

@@ -69,6 +69,8 @@ class VramProbe:
         self.last_error: str | None = None
         self._smi_failures = 0
         self._smi_next_at = 0.0
+        # True when the last aread() read nothing because nvidia-smi was in its backoff.
+        self.skipped = False
 
     def _nvml_handle(self) -> Any:
         if self._handle is not None or self._nvml is None:
@@ -91,11 +93,13 @@ class VramProbe:
     async def aread(self) -> VramReading | None:
         """read() for the event loop: nvidia-smi (a subprocess, up to 10 s) runs in a thread,
         and after failures not again before a backoff of 1 s doubling to 60 s."""
+        self.skipped = False
         reading = self._try_nvml()
         if reading is not None:
             return reading
         now = time.monotonic()
         if now < self._smi_next_at:
+            self.skipped = True
             return None  # last_error still says why
         reading = await asyncio.to_thread(self._read_smi)
         if reading is None:

@@ -367,15 +367,11 @@ class Worker:
             job_id_var.reset(token)
 
     async def _infra_failure(self, job: ClaimedJob, failure: JobFailure) -> None:
-        """Not the workflow's fault: back to the queue for another worker (an attempt)."""
+        """Not the workflow's fault: back to the queue for another worker, not counted against
+        the job (this worker's failures are counted here, and take it out of service)."""
         self._infra_failures += 1
         reason = f"{failure.message} (on worker {self.cfg.worker_id})"
-        verdict = await self._persist(lambda: self.source.retry(job, reason, 0))
-        if verdict == "requeued":
-            self.events.requeued(failure.kind)
-        elif verdict == "failed":
-            self.events.ended("failed", job)
-        elif verdict == "unsupported":
+        if not await self._put_back(job, reason, failure.kind):
             await self._report_failure(job, failure)
         if self._infra_failures >= self.cfg.max_infra_failures:
             self.take_out_of_service(
@@ -407,7 +403,7 @@ class Worker:
             self._gpu_misses = 0
             self.events.gpu(reading)
             return reading
-        if self.cfg.gpu_required:
+        if self.cfg.gpu_required and not getattr(self.probe, "skipped", False):
             self._gpu_misses += 1
             self.states.set("gpu", "unreadable", str(self.probe.last_error), logging.WARNING)
             if self._gpu_misses >= GPU_MISSES:
@@ -643,10 +639,14 @@ class Worker:
                 if run.done():
                     return run.result()
                 if cancel.done():
-                    if not cancel.cancelled() and cancel.exception() is None:
+                    broken = cancel.cancelled() or cancel.exception() is not None
+                    if not broken:
                         reason = "cancelled"
                     else:  # the watcher broke (a bug): that is no cancellation; watch again
-                        log.error("the cancellation watcher ended: %r", cancel.exception())
+                        log.error(
+                            "the cancellation watcher ended: %r",
+                            "cancelled" if cancel.cancelled() else cancel.exception(),
+                        )
                         cancel = asyncio.ensure_future(self._watch_cancel(job))
                 elif time.monotonic() >= deadline:
                     reason = "timeout"

@@ -337,3 +337,48 @@ def test_large_events_are_not_parsed(redis_server, monkeypatch) -> None:
     assert parsed == []
     assert source._wake.is_set() and source.cancel_hint().is_set()
     asyncio.run(source.close())
+
+
+def test_an_orphan_with_a_large_workflow_is_found(r, redis_server) -> None:
+    """worker_id comes after the workflow in the contract's JSON: the owner is read from the
+    whole document, not from its first bytes."""
+    big = {str(i): {"class_type": "Note", "inputs": {"text": "x" * 200}} for i in range(60)}
+    orphan = submit(r, big, publish=False)
+
+    async def body(gone, live):
+        await gone.claim()
+        return await live.reap_orphans(0) + await live.reap_orphans(0)
+
+    assert asyncio.run(_with_sources(redis_server, ["w-gone", "w-live"], body)) == [(orphan, "ok")]
+
+
+def test_a_worker_restarted_under_the_same_id_keeps_its_new_job(r, redis_server) -> None:
+    """Seen missing, then back under the same id with a claim before its first heartbeat:
+    that job was claimed after the absence began, so it is not an orphan."""
+    first = submit(r, image_workflow(), publish=False)
+
+    async def body(old, live):
+        await old.claim()
+        await live.reap_orphans(0)  # notes w-same missing
+        r.delete(f"job:{first}")
+        r.zrem("queue:running", first)
+        await asyncio.sleep(0.01)
+        fresh = submit(r, image_workflow(), publish=False)
+        await old.claim()  # the restarted worker, before any heartbeat
+        return fresh, await live.reap_orphans(0)
+
+    fresh, taken = asyncio.run(_with_sources(redis_server, ["w-same", "w-live"], body))
+    assert taken == []
+    assert job(r, fresh)["status"] == "running"
+
+
+def test_a_deeply_nested_job_fails_instead_of_crashing_the_worker(r, redis_server) -> None:
+    job_id = "0f0e0d0c-0000-4000-8000-000000000002"
+    r.set(f"job:{job_id}", "[" * 100_000 + "]" * 100_000)
+    r.zadd("queue:pending", {job_id: 2_000_000 + time.time()})
+
+    async def body(w1):
+        return await w1.claim()
+
+    claimed = asyncio.run(_with_sources(redis_server, ["w1"], body))
+    assert claimed.id == job_id and "malformed" in claimed.invalid

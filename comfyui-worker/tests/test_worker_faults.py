@@ -472,7 +472,7 @@ def test_a_lost_gpu_takes_the_worker_out_of_service(r, comfyui, worker_env, star
 def test_repeated_gpu_faults_take_the_worker_out_of_service(r, comfyui, worker_env, start_worker):
     """A CUDA error is the GPU's fault, not the workflow's: the job goes back for another
     worker, and WORKER_MAX_INFRA_FAILURES of them in a row stop this one."""
-    worker_env.update(WORKER_MAX_INFRA_FAILURES="2", WORKER_MAX_ATTEMPTS="5")
+    worker_env.update(WORKER_MAX_INFRA_FAILURES="2", WORKER_MAX_ATTEMPTS="2")
     worker = start_worker(worker_env)
     cuda = node_workflow(
         "StandInRaise", message="CUDA error: unspecified launch failure", exception="RuntimeError"
@@ -480,7 +480,8 @@ def test_repeated_gpu_faults_take_the_worker_out_of_service(r, comfyui, worker_e
     job_id = submit(r, cuda)
     assert worker.wait(timeout=30) == 3
     doc = job(r, job_id)
-    assert doc["status"] == "pending" and doc["metadata"]["attempts"] == 2, doc
+    # The worker's fault, not the job's: put back uncounted, for a worker with a good GPU.
+    assert doc["status"] == "pending" and "attempts" not in (doc.get("metadata") or {}), doc
     status = json.loads(r.get(f"worker:{worker_env['WORKER_ID']}:status"))
     assert "WORKER_MAX_INFRA_FAILURES=2" in status["out_of_service"]
     assert "CUDA error" in status["out_of_service"]
