@@ -80,7 +80,8 @@ class ComfyProcess:
         self._stopping = False
         self._watcher: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
-        self.pid_file = f"{cfg.health_file}.comfyui-pid"
+        # One per port: two plain-process workers on one host never take each other's.
+        self.pid_file = f"{cfg.health_file}.comfyui-{cfg.comfyui_host_port[1]}.pid"
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in SECRET_VARS}
@@ -130,8 +131,10 @@ class ComfyProcess:
             pid = int(doc["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        # Only the very command line this worker runs: a recycled pid is someone else's.
-        return pid if pid > 1 and _cmdline(pid) == list(doc.get("argv") or []) else None
+        # Only the very command line this worker runs (its port included): a recycled pid, or
+        # another worker's ComfyUI, is someone else's.
+        argv = list(doc.get("argv") or [])
+        return pid if pid > 1 and argv == self.argv and _cmdline(pid) == argv else None
 
     async def _stop_leftover(self) -> None:
         pid = self.leftover()

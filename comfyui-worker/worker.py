@@ -124,6 +124,7 @@ class Worker:
         self.stopping = asyncio.Event()
         # Set by a second stop signal: every wait of the current job ends now.
         self.forced = asyncio.Event()
+        self.forced_at: float | None = None
         # Why the worker stopped by itself (a helper that kept failing); the exit code is 1.
         self.fatal: str | None = None
         # Why the worker took itself out of service (its GPU, or ComfyUI failing every job).
@@ -148,6 +149,7 @@ class Worker:
         """First SIGTERM: finish the current job within WORKER_SHUTDOWN_GRACE; second: now."""
         if self.stopping.is_set():
             self._stop_deadline = time.monotonic()
+            self.forced_at = time.monotonic()
             self.forced.set()
             log.warning("second stop signal: giving up the current job now")
             return
@@ -421,7 +423,7 @@ class Worker:
         job = run.job
         while True:
             try:
-                await self.comfy.submit(run.workflow, job.prompt_id)
+                await self._unless_forced(self.comfy.submit(run.workflow, job.prompt_id))
                 log.debug("queued prompt %s in ComfyUI", job.prompt_id)
                 break
             except ComfyUnavailable as exc:
@@ -454,6 +456,20 @@ class Worker:
             raise JobFailure("interrupted", "the prompt was interrupted in ComfyUI by someone else")
         run.outcome = outcome
         return True
+
+    async def _unless_forced(self, call: Awaitable[Any]) -> Any:
+        """`call`, given up (as ComfyUI unavailable) when a second stop signal comes."""
+        task = asyncio.ensure_future(call)
+        forced = asyncio.ensure_future(self.forced.wait())
+        try:
+            await asyncio.wait({task, forced}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            forced.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise ComfyUnavailable("given up at a second stop signal")
+        return task.result()
 
     def _deadline_passed(self, job: ClaimedJob) -> bool:
         return time.monotonic() - job.claimed_at >= self.cfg.job_timeout
@@ -513,7 +529,8 @@ class Worker:
                 ):
                     log.error("queue unreachable at shutdown; the job stays running for recovery")
                     return "unreported"
-                await asyncio.sleep(backoff.next())
+                with contextlib.suppress(asyncio.TimeoutError):  # a second signal ends the wait
+                    await asyncio.wait_for(self.forced.wait(), backoff.next())
 
     async def _put_back(self, job: ClaimedJob, reason: str, kind: str = "other") -> bool:
         """Requeue with the original score; False when the source cannot (HTTP API)."""
@@ -693,7 +710,10 @@ class Worker:
         deadline = started + grace
 
         def left() -> float:
-            return max(0.0, deadline - time.monotonic())
+            end = deadline
+            if self.forced.is_set():  # a second stop signal during the grace: shorten it
+                end = min(end, max(self.forced_at or started, started) + FORCED_GRACE)
+            return max(0.0, end - time.monotonic())
 
         def ask() -> asyncio.Future[None]:
             asking = asyncio.ensure_future(self.comfy.interrupt(job.prompt_id, timeout=left()))
@@ -705,7 +725,7 @@ class Worker:
         stopped = False
         try:
             while left() > 0:
-                await asyncio.wait({run}, timeout=min(1.0, left()))
+                await asyncio.wait({run}, timeout=min(0.2 if self.forced.is_set() else 1.0, left()))
                 if run.done():
                     # JobFailure: ComfyUI dropped it from its queue before it ran.
                     with contextlib.suppress(JobFailure):

@@ -154,7 +154,7 @@ def test_comfyui_left_on_the_port_by_an_earlier_run_is_stopped(
         start_new_session=True,
     )
     try:
-        pid_file = Path(f"{cfg.health_file}.comfyui-pid")
+        pid_file = Path(supervisor.ComfyProcess(cfg).pid_file)
         pid_file.write_text(json.dumps({"pid": leftover.pid, "argv": argv}))
         worker = start_worker(worker_env)
         worker.wait_log(f"stopping ComfyUI (pid {leftover.pid}) left running", timeout=20)
@@ -184,8 +184,10 @@ def test_a_pid_file_naming_another_program_is_left_alone(tmp_path):
         Path(proc.pid_file).write_text(
             json.dumps({"pid": bystander.pid, "argv": supervisor.comfyui_command(cfg)})
         )
-        assert proc.leftover() is None
+        assert proc.leftover() is None  # its command line is not ComfyUI's
         Path(proc.pid_file).write_text(json.dumps({"pid": bystander.pid, "argv": ["sleep", "30"]}))
+        assert proc.leftover() is None  # not the command line this worker runs
+        proc.argv = ["sleep", "30"]
         assert proc.leftover() == bystander.pid
     finally:
         bystander.kill()
@@ -536,3 +538,22 @@ def test_nvidia_smi_runs_off_the_loop_and_backs_off(tmp_path):
     assert asyncio.run(readings()) == [None] * 20
     assert len(calls.read_text().splitlines()) == 1
     assert "nvidia-smi" in probe.last_error
+
+
+def test_a_second_sigterm_during_the_interrupt_grace_acts_at_once(
+    r, comfyui, worker_env, start_worker
+):
+    """The first signal's grace ran out and ComfyUI ignores the interrupt: a second signal
+    must not wait out WORKER_INTERRUPT_GRACE."""
+    grace = 20.0
+    worker_env.update(WORKER_SHUTDOWN_GRACE="0.5", WORKER_INTERRUPT_GRACE=str(grace))
+    worker = start_worker(worker_env)
+    job_id = submit(r, node_workflow("StandInSlowInterrupt", seconds=60.0))
+    wait_job(r, job_id, ("running",))
+    worker.signal(signal.SIGTERM)
+    worker.wait_log("interrupting the prompt")
+    second = time.monotonic()
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=grace + 10) == 0
+    assert time.monotonic() - second < grace / 3, worker.log()
+    assert job(r, job_id)["status"] == "pending"
