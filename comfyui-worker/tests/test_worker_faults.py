@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 from worker_testlib import (
-    comfy_server,
     free_port,
     image_workflow,
     job,
+    managed_comfyui,
     node_workflow,
     prompts_per_job,
     submit,
@@ -32,20 +32,8 @@ from worker_testlib import (
 pytestmark = pytest.mark.integration
 
 
-def managed(worker_env: dict, tmp_path: Path, port: int | None = None) -> dict:
-    """worker_env for a worker that starts and supervises its own ComfyUI (the container case)."""
-    server = comfy_server("standin", tmp_path / "managed", port=port)
-    worker_env.update(
-        COMFYUI_START="true",
-        COMFYUI_DIR=str(server.cwd),
-        COMFYUI_PYTHON=server.command[0],
-        COMFYUI_URL=server.url,
-        COMFYUI_ARGS="--cpu",
-        OUTPUTS_DIR=str(server.outputs_root),
-        COMFYUI_OUTPUT_DIR=str(server.output_dir),
-        COMFYUI_INPUT_DIR=str(server.base_dir / "inputs"),
-    )
-    return worker_env
+def managed(worker_env: dict, tmp_path: Path) -> dict:
+    return managed_comfyui(worker_env, tmp_path / "managed")
 
 
 def comfyui_pids(log: str) -> list[int]:
@@ -376,15 +364,21 @@ def test_websocket_reconnects_back_off_until_a_connection_holds():
 # -- the queue: VRAM deferrals, vanished workers --------------------------------------------------
 
 
+def fake_gpu(worker_env: dict, free_mb: int) -> Path:
+    """The fake NVML on the worker's PYTHONPATH, with an H100 of `free_mb` free; returns the
+    state file a test rewrites to change the GPU mid-run."""
+    state = Path(worker_env["HEALTH_FILE"]).with_name("nvml.json")
+    state.write_text(json.dumps({"total_mb": 81559, "free_mb": free_mb, "name": "Fake H100"}))
+    worker_env.update(PYTHONPATH=str(Path(__file__).parent / "fakes"), FAKE_NVML_FILE=str(state))
+    return state
+
+
 def test_a_small_job_runs_while_a_big_one_waits_for_vram(r, comfyui, worker_env, start_worker):
     """Before: the big job went back at its original score and the worker took it again first,
     so the small job behind it never ran. Now the big one is deferred; after
     WORKER_MAX_ATTEMPTS it fails, naming the worker and the limit."""
-    state = Path(worker_env["HEALTH_FILE"]).with_name("nvml.json")
-    state.write_text(json.dumps({"total_mb": 81559, "free_mb": 4000, "name": "Fake H100"}))
+    fake_gpu(worker_env, free_mb=4000)
     worker_env.update(
-        PYTHONPATH=str(Path(__file__).parent / "fakes"),
-        FAKE_NVML_FILE=str(state),
         VRAM_CHECK="on",
         VRAM_FREE_WAIT="0",
         VRAM_BACKOFF="1",
@@ -444,11 +438,8 @@ def _healthcheck(env: dict) -> subprocess.CompletedProcess:
 def test_a_lost_gpu_takes_the_worker_out_of_service(r, comfyui, worker_env, start_worker):
     """CONTRACTS §3: containers lose their GPUs after a daemon-reload. Before: VRAM_CHECK=auto
     admitted every job with an unreadable GPU and the health check never looked."""
-    state = Path(worker_env["HEALTH_FILE"]).with_name("nvml.json")
-    state.write_text(json.dumps({"total_mb": 81559, "free_mb": 80000, "name": "Fake H100"}))
+    state = fake_gpu(worker_env, free_mb=80000)
     worker_env.update(
-        PYTHONPATH=str(Path(__file__).parent / "fakes"),
-        FAKE_NVML_FILE=str(state),
         GPU_REQUIRED="true",
         VRAM_CHECK="auto",
         HEARTBEAT_TTL="4",

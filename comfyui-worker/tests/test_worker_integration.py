@@ -22,6 +22,7 @@ from worker_testlib import (
     free_port,
     image_workflow,
     job,
+    managed_comfyui,
     node_workflow,
     prompts_per_job,
     start_redis,
@@ -177,16 +178,7 @@ def test_slow_interrupt_within_grace_needs_no_restart(r, comfyui, worker_env, st
 
 def test_prompt_ignoring_interrupt_gets_comfyui_restarted(r, worker_env, start_worker, tmp_path):
     """The container case: the worker supervises ComfyUI and restarts it when it will not stop."""
-    managed = comfy_server("standin", tmp_path / "managed")
-    worker_env.update(
-        COMFYUI_START="true",
-        COMFYUI_DIR=str(managed.cwd),
-        COMFYUI_PYTHON=managed.command[0],
-        COMFYUI_URL=managed.url,
-        COMFYUI_ARGS="--cpu",
-        OUTPUTS_DIR=str(managed.outputs_root),
-        COMFYUI_OUTPUT_DIR=str(managed.output_dir),
-        COMFYUI_INPUT_DIR=str(managed.base_dir / "inputs"),
+    managed_comfyui(worker_env, tmp_path / "managed").update(
         WORKER_JOB_TIMEOUT="1.5",
         COMFYUI_TIMEOUT="1",
         WORKER_INTERRUPT_GRACE="1",

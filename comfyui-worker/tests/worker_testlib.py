@@ -278,6 +278,23 @@ def comfy_server(kind: str, base_dir: Path, port: int | None = None) -> ComfySer
     )
 
 
+def managed_comfyui(worker_env: dict[str, str], base_dir: Path) -> dict[str, str]:
+    """worker_env for a worker that starts and supervises its own ComfyUI stand-in, as in the
+    container (COMFYUI_START=true)."""
+    server = comfy_server("standin", base_dir)
+    worker_env.update(
+        COMFYUI_START="true",
+        COMFYUI_DIR=str(server.cwd),
+        COMFYUI_PYTHON=server.command[0],
+        COMFYUI_URL=server.url,
+        COMFYUI_ARGS="--cpu",
+        OUTPUTS_DIR=str(server.outputs_root),
+        COMFYUI_OUTPUT_DIR=str(server.output_dir),
+        COMFYUI_INPUT_DIR=str(server.base_dir / "inputs"),
+    )
+    return worker_env
+
+
 def prompts_per_job(server: ComfyServer, job_ids: list[str]) -> dict[str, int]:
     """How many prompts the stand-in accepted for each job (its SaveImage prefixes carry the
     job id, as the worker tags them)."""
