@@ -24,6 +24,7 @@ import time
 
 from config import Config
 from logs import StateLog
+from tasks import keep_running
 
 log = logging.getLogger("comfyui_worker.supervisor")
 SECRET_VARS = (
@@ -50,12 +51,17 @@ def comfyui_command(cfg: Config) -> list[str]:
 
 
 PR_SET_PDEATHSIG = 1
+# Resolved once in the parent: the child between fork and exec must not dlopen anything.
+try:
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _PRCTL = None
 
 
 def _die_with(parent: int) -> None:
     """Runs in the child between fork and exec: SIGKILL it when the worker dies."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the worker died before the signal was armed
         os._exit(1)
 
@@ -94,7 +100,14 @@ class ComfyProcess:
             os.makedirs(folder, exist_ok=True)
         await self._stop_leftover()
         await self._spawn()
-        self._watcher = asyncio.create_task(self._watch(), name="comfyui-supervisor")
+        self._watcher = asyncio.create_task(
+            keep_running("comfyui supervisor", self._watch, backoff_max=self.cfg.backoff_max),
+            name="comfyui-supervisor",
+        )
+
+    def helpers(self) -> list[asyncio.Task[None]]:
+        """The restart watcher, watched by the worker like its own helpers."""
+        return [self._watcher] if self._watcher else []
 
     async def _spawn(self) -> None:
         parent = os.getpid()

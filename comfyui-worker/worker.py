@@ -193,6 +193,8 @@ class Worker:
             asyncio.create_task(keep_running("orphans", self._orphan_loop), name="orphans"),
         ]
         watched = [*helpers, *self.source.helpers()]
+        if self.comfy_process is not None:
+            watched += self.comfy_process.helpers()
         try:
             await self._watch_helpers(main, watched)
             await main
@@ -267,6 +269,7 @@ class Worker:
             try:
                 recovered = await self.source.recover()
             except SourceUnavailable:
+                self._set_state("queue_unreachable")  # not "starting": the health check says so
                 await self._sleep_or_stop(backoff.next())
                 continue
             if recovered:

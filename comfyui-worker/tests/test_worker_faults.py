@@ -532,11 +532,12 @@ def test_nvidia_smi_runs_off_the_loop_and_backs_off(tmp_path):
 
 
 def test_a_second_sigterm_during_the_interrupt_grace_acts_at_once(
-    r, comfyui, worker_env, start_worker
+    r, worker_env, start_worker, tmp_path
 ):
     """The first signal's grace ran out and ComfyUI ignores the interrupt: a second signal
-    must not wait out WORKER_INTERRUPT_GRACE."""
+    must not wait out WORKER_INTERRUPT_GRACE. (Its own ComfyUI: the stuck node dies with it.)"""
     grace = 20.0
+    managed(worker_env, tmp_path)
     worker_env.update(WORKER_SHUTDOWN_GRACE="0.5", WORKER_INTERRUPT_GRACE=str(grace))
     worker = start_worker(worker_env)
     job_id = submit(r, node_workflow("StandInSlowInterrupt", seconds=60.0))
