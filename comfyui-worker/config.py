@@ -7,6 +7,7 @@ object's repr so it cannot reach a log line by accident.
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import os
 import re
@@ -432,3 +433,126 @@ class _Reader:
         except ValueError as exc:
             self.problem(name, f"cannot be split into arguments: {exc}")
             return ()
+
+
+# ---- the check of an environment file, for the play on the controller ----------------------
+
+# Secrets the worker reads from NAME or from the file that NAME_FILE names; their values never
+# reach the check's output.
+SECRET_VARIABLES = ("REDIS_PASSWORD", "FILE_EXCHANGE_TOKEN")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+ON_THE_HOST = "(a file on the GPU host)"
+
+
+def read_env_file(text: str) -> tuple[dict[str, str], list[str]]:
+    """NAME=VALUE lines read as Compose's env_file reads simple values.
+
+    Blank lines and lines starting with # are skipped, `export ` is allowed, a value may be
+    quoted ('...' literally, "..." with \\n \\t \\" \\\\ escapes), and an unquoted value ends at
+    ` #`. A later line wins. Variable substitution and values spanning lines are not read: a
+    line that is not NAME=VALUE is reported by its number, never by its text, which could be
+    part of a secret.
+    """
+    env: dict[str, str] = {}
+    problems: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.startswith("export "):
+            stripped = stripped[len("export ") :].lstrip()
+        name, equals, value = stripped.partition("=")
+        name = name.strip()
+        if not equals or not ENV_NAME_RE.match(name):
+            problems.append(f"line {number} is not NAME=VALUE (a value with a line break?)")
+            continue
+        value = value.lstrip()
+        if value[:1] in ("'", '"'):
+            unquoted = _unquote(value)
+            if unquoted is None:
+                problems.append(f"line {number}: a quoted value does not end on its line")
+                continue
+            value = unquoted
+        else:
+            value = value.split(" #", 1)[0].rstrip()
+        env[name] = value
+    return env, problems
+
+
+def _unquote(value: str) -> str | None:
+    """The text between a value's opening quote and its closing one; None when unclosed."""
+    quote, out, i = value[0], [], 1
+    escapes = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "$": "$"}
+    while i < len(value):
+        char = value[i]
+        if char == quote:
+            return "".join(out)
+        if quote == '"' and char == "\\" and i + 1 < len(value):
+            following = value[i + 1]
+            out.append(escapes.get(following, "\\" + following))
+            i += 2
+            continue
+        out.append(char)
+        i += 1
+    return None
+
+
+def check_env(env: Mapping[str, str]) -> list[str]:
+    """Every problem the worker would report at start with this environment, except those
+    about files on the GPU host: secrets given as NAME_FILE are taken as present, and
+    COMFYUI_DIR is not looked for here. Secret values are replaced by ***."""
+    mapping = dict(env)
+    for name in SECRET_VARIABLES:
+        if not mapping.get(name, "").strip() and mapping.get(f"{name}_FILE", "").strip():
+            mapping[name] = ON_THE_HOST
+            del mapping[f"{name}_FILE"]
+    try:
+        Config.from_env(mapping)
+    except ConfigError as exc:
+        problems = [
+            p for p in exc.problems if not (p.startswith("COMFYUI_DIR (") and "main.py" in p)
+        ]
+    else:
+        problems = []
+    return [_redact(p, env) for p in problems]
+
+
+def _redact(text: str, env: Mapping[str, str]) -> str:
+    for name in SECRET_VARIABLES:
+        secret = env.get(name, "").strip()
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python3 config.py --check ENVFILE`: 0 when the worker accepts the file, else 2 with
+    every problem, one a line, each naming its variable."""
+    parser = argparse.ArgumentParser(
+        prog="config.py",
+        description="Check an environment file (the project's .env) as the worker checks its "
+        "environment at start, without its files on the GPU host. Standard library only.",
+    )
+    parser.add_argument(
+        "--check", metavar="ENVFILE", required=True, help="the file to check; - reads stdin"
+    )
+    args = parser.parse_args(argv)
+    try:
+        text = sys.stdin.read() if args.check == "-" else Path(args.check).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"{args.check}: cannot read it: {getattr(exc, 'strerror', None) or exc}")
+        return 2
+    env, problems = read_env_file(text)
+    problems = [_redact(p, env) for p in problems] + check_env(env)
+    name = "standard input" if args.check == "-" else args.check
+    if problems:
+        print(f"{name}: the worker would refuse this configuration:")
+        for problem in problems:
+            print(f"  {problem}")
+        return 2
+    print(f"{name}: the worker accepts this configuration")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,6 +30,13 @@ GOOD = {
     "vault_redis_password": "redis-password-for-the-test",
     "vault_exchange_token": "0123456789abcdef0123456789abcdef",
 }
+# The app server's tailnet address, which a site sets (the preflight refuses it empty).
+ADDRESS = {"comfyume_app_server_tailnet_address": "100.64.0.1"}
+# The simulated app server's addresses, which the local inventory reads from Docker.
+SIM_ADDRESSES = {
+    "comfyume_app_server_address": "172.30.0.2",
+    "comfyume_app_server_tailnet_address": "172.31.0.2",
+}
 
 
 def example_files() -> list[Path]:
@@ -165,7 +172,7 @@ def test_the_app_servers_placeholder_token_is_refused(inventories):
     run = preflight(
         inventories / "production" / "hosts.yml",
         "-e",
-        json.dumps({**GOOD, "appserver_exchange_token": "CHANGE-ME"}),
+        json.dumps({**GOOD, **ADDRESS, "appserver_exchange_token": "CHANGE-ME"}),
     )
     assert run.returncode != 0, run.output
     assert "appserver_exchange_token is the placeholder CHANGE-ME" in run.output
@@ -173,7 +180,7 @@ def test_the_app_servers_placeholder_token_is_refused(inventories):
 
 
 def test_real_values_pass_and_never_reach_the_output(inventories):
-    run = preflight(inventories / "production" / "hosts.yml", "-e", json.dumps(GOOD))
+    run = preflight(inventories / "production" / "hosts.yml", "-e", json.dumps({**GOOD, **ADDRESS}))
     assert run.returncode == 0, run.output
     for value in GOOD.values():
         assert value not in run.output
@@ -188,7 +195,11 @@ def test_roles_that_use_no_secret_need_no_vault(inventories):
 def test_the_simulated_hosts_make_their_own_secrets(inventories, tmp_path, source):
     """make run and molecule: each secret is generated once, none is a placeholder."""
     state = tmp_path / "sim-state"
-    run = preflight(inventories / source, "-e", f"comfyume_sim_state_dir={state}")
+    run = preflight(
+        inventories / source,
+        "-e",
+        json.dumps({"comfyume_sim_state_dir": str(state), **SIM_ADDRESSES}),
+    )
     assert run.returncode == 0, run.output
     made = sorted(p.name for p in state.iterdir())
     assert made == ["exchange-token", "redis-password", "tailscale-authkey"]

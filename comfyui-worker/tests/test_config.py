@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from config import Config, ConfigError
+from config import Config, ConfigError, read_env_file
 from worker_testlib import WORKER_DIR
 
 
@@ -87,3 +87,127 @@ def test_check_config_prints_redacted_json() -> None:
     )
     doc = json.loads(done.stdout)
     assert doc["redis_password"] == "***" and "topsecret" not in done.stdout
+
+
+# ---- config.py --check: the play's check of the rendered .env, on the controller ------------
+
+ENV_FILE = """\
+# Ansible managed
+WORKER_ID=verda-sim-worker-1
+REDIS_HOST=10.0.0.1
+REDIS_PORT=6379
+REDIS_PASSWORD=pw-Secret-1234
+HEARTBEAT_TTL=60
+HEARTBEAT_INTERVAL=15
+OUTPUT_DELIVERY=exchange
+FILE_EXCHANGE_URL=http://100.64.0.1:8288
+FILE_EXCHANGE_TOKEN_FILE=/run/secrets/exchange-token
+"""
+
+
+def check(text: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python3 config.py --check -` with the file on stdin, as the play runs it."""
+    return subprocess.run(
+        [sys.executable, "config.py", "--check", "-", *args],
+        cwd=WORKER_DIR,
+        input=text,
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_env_files_are_read_as_compose_reads_simple_values() -> None:
+    env, problems = read_env_file(
+        "# a comment\n"
+        "\n"
+        "  A=1\n"
+        "export B = two words \n"
+        "C=value # a comment\n"
+        "D='single # kept'\n"
+        'E="double \\"quoted\\"\\n" # gone\n'
+        "F=\n"
+        "A=again\n"
+    )
+    assert problems == []
+    assert env == {
+        "A": "again",
+        "B": "two words",
+        "C": "value",
+        "D": "single # kept",
+        "E": 'double "quoted"\n',
+        "F": "",
+    }
+
+
+def test_a_broken_line_is_named_by_its_number_never_by_its_text() -> None:
+    _, problems = read_env_file("A=1\nhunter2 tail of a password\nB='open\n")
+    assert problems == [
+        "line 2 is not NAME=VALUE (a value with a line break?)",
+        "line 3: a quoted value does not end on its line",
+    ]
+
+
+def test_a_good_env_file_passes_with_exit_0() -> None:
+    done = check(ENV_FILE)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "accepts" in done.stdout
+
+
+def test_an_env_file_on_disk_is_read_too(tmp_path) -> None:
+    path = tmp_path / "project.env"
+    path.write_text(ENV_FILE.replace("REDIS_PORT=6379", "REDIS_PORT=70000"))
+    done = subprocess.run(
+        [sys.executable, "config.py", "--check", str(path)],
+        cwd=WORKER_DIR,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert "REDIS_PORT: 70000 is outside 1..65535" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("HEARTBEAT_INTERVAL=15", "HEARTBEAT_INTERVAL=40"), "HEARTBEAT_INTERVAL (40) must be"),
+        (("REDIS_HOST=10.0.0.1", "REDIS_HOST="), "REDIS_HOST: empty"),
+        (("REDIS_PORT=6379", "REDIS_PORT=70000"), "REDIS_PORT: 70000 is outside 1..65535"),
+        (("HEARTBEAT_TTL=60", "HEARTBEAT_TTL=-5"), "HEARTBEAT_TTL: -5 is outside"),
+        (("FILE_EXCHANGE_URL=http://100.64.0.1:8288", "FILE_EXCHANGE_URL=http://:8288"), "FILE_"),
+    ],
+)
+def test_what_the_worker_refuses_exits_2_naming_the_variable(change, expected) -> None:
+    done = check(ENV_FILE.replace(*change))
+    assert done.returncode == 2
+    assert expected in done.stdout
+    assert "pw-Secret-1234" not in done.stdout + done.stderr
+
+
+def test_secret_values_never_reach_the_output() -> None:
+    # A value the worker quotes in its message, equal to the password, is hidden.
+    done = check(ENV_FILE + "WORKER_ID=pw-Secret-1234/x\n")
+    assert done.returncode == 2
+    assert "WORKER_ID: '***/x' must be" in done.stdout
+    assert "pw-Secret-1234" not in done.stdout + done.stderr
+
+
+def test_files_on_the_gpu_host_are_not_looked_for() -> None:
+    """The token file and ComfyUI's folder exist on the GPU host, not on the controller;
+    the loopback rule of COMFYUI_START still holds."""
+    started = ENV_FILE + "COMFYUI_START=true\nCOMFYUI_DIR=/nonexistent/ComfyUI\n"
+    assert check(started).returncode == 0
+    exposed = started + "COMFYUI_URL=http://10.0.0.5:8188\n"
+    done = check(exposed)
+    assert done.returncode == 2 and "must be a loopback address" in done.stdout
+    assert "main.py" not in done.stdout
+
+
+def test_an_unreadable_file_exits_2() -> None:
+    done = subprocess.run(
+        [sys.executable, "config.py", "--check", "/nonexistent/project.env"],
+        cwd=WORKER_DIR,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "cannot read it" in done.stdout

@@ -35,9 +35,9 @@ def run_playbook(
 
 
 # The one set of timeouts (group_vars), as the tests expect to find them deployed.
-TIMEOUTS = yaml.safe_load(
-    (REPO / "inventories/production/group_vars/all/timeouts.yml").read_text()
-)["comfyume_timeouts"]
+TIMEOUTS = yaml.safe_load((REPO / "playbooks/group_vars/all/timeouts.yml").read_text())[
+    "comfyume_timeouts"
+]
 
 ROLE_PLAYBOOK = REPO / "molecule" / "default" / "tests" / "playbooks" / "role.yml"
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
-from conftest import REPO, TIMEOUTS, apply_role, recap, run_playbook
+from conftest import REPO, TIMEOUTS, apply_role, inspect, recap, run_playbook
 
 
 def test_check_diff_on_the_converged_hosts_reports_nothing():
@@ -18,6 +19,34 @@ def test_check_diff_on_the_converged_hosts_reports_nothing():
     assert all(counts["changed"] == 0 for counts in hosts.values()), hosts
     # --diff prints a diff for every would-be change; there must be none.
     assert not re.search(r"^[-+]{3} (before|after)", run.output, re.MULTILINE), run.output
+
+
+def wait_healthy(host, name: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if inspect(host, name)["State"].get("Health", {}).get("Status") == "healthy":
+            return
+        time.sleep(2)
+    raise AssertionError(f"{name} did not become healthy within {timeout:g} s")
+
+
+def test_check_mode_with_a_worker_stopped_reports_it_and_runs_every_play(gpu_host):
+    """Check mode says which worker it would start, waits for nothing, and the app server's
+    play after the workers' still runs (a failed worker play used to end the run there)."""
+    gpu_host.check_output("docker stop worker-2")
+    try:
+        run = run_playbook(REPO / "site.yml", "--check", "--diff", "--tags", "worker,appserver")
+        assert inspect(gpu_host, "worker-2")["State"]["Running"] is False  # nothing started
+    finally:
+        gpu_host.check_output("docker start worker-2")
+        wait_healthy(gpu_host, "worker-2")
+    assert run.rc == 0, run.output[-3000:]
+    out = one_line(run.output)
+    assert "Check mode: Compose would start container worker-2; nothing was started" in out
+    hosts = recap(run.output)
+    assert hosts["verda-sim"]["failed"] == 0 and hosts["verda-sim"]["changed"] >= 1, hosts
+    assert "PLAY [Render the proxy timeouts for the app server's nginx]" in run.output
+    assert hosts["app-server"]["failed"] == 0 and hosts["app-server"]["changed"] == 0, hosts
 
 
 def test_prefilled_scratch_device_is_mounted_and_keeps_its_files(gpu_host):
@@ -248,9 +277,9 @@ def test_inconsistent_timeouts_fail_before_anything_changes():
     broken = {**TIMEOUTS, "job": 600, "heartbeat_interval": 90}
     run = run_playbook(REPO / "site.yml", "-e", json.dumps({"comfyume_timeouts": broken}))
     assert run.rc != 0
-    assert "worker_timeouts.job (600 s) must be at least worker_timeouts.comfyui_http (900 s)" in (
-        run.output
-    )
+    # The worker's own rules (comfyui-worker/config.py), run by the preflight on the rendered .env.
+    assert "WORKER_JOB_TIMEOUT (600) must be >= COMFYUI_TIMEOUT (900)" in run.output
+    assert "WORKER_JOB_TIMEOUT is worker_timeouts.job" in run.output
     hosts = recap(run.output)
     assert all(counts["changed"] == 0 for counts in hosts.values()), hosts
     # The preflight play stopped the run: no role's task ran.
