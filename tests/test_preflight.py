@@ -162,6 +162,25 @@ def test_the_simulated_hosts_settings_pass(inventories, state, source):
             id="a relative link target",
         ),
         pytest.param(
+            {
+                "project_data_links": {
+                    "models": "/mnt/sfs/models",
+                    "outputs": "/home/dev/comfyume/data/",
+                }
+            },
+            [
+                "project_data_links would put a link in /home/dev/comfyume/data that leads back"
+                " into it: outputs: /home/dev/comfyume/data/ (data/ itself)",
+                "The project role changed nothing",
+            ],
+            id="a data link to data/ itself",
+        ),
+        pytest.param(
+            {"project_data_links": {"all": "/home/dev"}},
+            ["all: /home/dev (a folder that holds data/)"],
+            id="a data link to a folder that holds data/",
+        ),
+        pytest.param(
             {"comfyume_exchange_port": 0},
             ["appserver_exchange_port must be a whole number from 1 to 65535, got 0"],
             id="port 0 for the exchange",

@@ -66,6 +66,40 @@ def test_prefilled_scratch_device_is_mounted_and_keeps_its_files(gpu_host):
     )
 
 
+def test_scratch_directory_that_is_a_link_is_refused_and_its_target_left_alone(gpu_host):
+    """The file module would follow a link where a scratch directory goes and give the
+    storage role's owner and mode to whatever it points at: the role stops and names it."""
+    prefilled = {
+        "storage_sfs_enabled": False,
+        "storage_scratch_device": "/dev/vdc",
+        "storage_scratch_mount_point": "/mnt/prefilled",
+    }
+    elsewhere = "/srv/links-scratch-elsewhere"
+    temp = "/mnt/prefilled/temp"
+    run = apply_role("storage", **prefilled)  # mounted, with its directories
+    assert run.rc == 0, run.output[-3000:]
+    gpu_host.check_output(
+        f"rm -rf {elsewhere} && mkdir -m 0700 {elsewhere}"
+        f" && rmdir {temp} && ln -s {elsewhere} {temp}"
+    )
+    try:
+        run = apply_role("storage", **prefilled)
+        out = one_line(run.output)
+        assert run.rc != 0, run.output[-3000:]
+        assert (
+            f"{temp} is a link to {elsewhere}, where the storage role keeps a directory of the"
+            " scratch disk (dev:dev, mode 0775)" in out
+        )
+        assert "The storage role changed no owner or mode there" in out
+        assert gpu_host.check_output(f"stat -c '%U:%G %a' {elsewhere}") == "root:root 700"
+        assert gpu_host.file(temp).linked_to == elsewhere
+    finally:
+        gpu_host.check_output(
+            f"if [ -L {temp} ]; then rm {temp}; fi && mkdir -p {temp}"
+            f" && chown dev:dev {temp} && chmod 0775 {temp} && rm -rf {elsewhere}"
+        )
+
+
 def test_device_with_a_foreign_signature_is_refused_untouched(gpu_host):
     """prepare put a swap signature on /dev/vdd: the play stops, nothing is formatted."""
     before = gpu_host.check_output("sha256sum /dev/vdd")
@@ -207,19 +241,23 @@ def test_real_directory_where_a_link_goes_stops_the_play_and_is_kept(gpu_host):
     assert gpu_host.run(f"find {project}/data/outputs -type l").stdout == ""
 
 
-def test_file_where_a_link_goes_stops_the_play_when_data_is_itself_a_link(gpu_host):
-    """data/ may be a link to another disk: what sits inside it is still protected."""
-    project = "/home/dev/safety-linked"
+def test_file_where_a_link_goes_stops_the_play_and_is_kept(gpu_host):
+    """A file is protected as a directory is. (data/ itself as a link is refused before this:
+    test_project.py.)"""
+    project = "/home/dev/safety-file"
     gpu_host.check_output(
-        f"mkdir -p {project} /srv/elsewhere-data && ln -sfn /srv/elsewhere-data {project}/data"
-        " && echo precious > /srv/elsewhere-data/models"
+        f"rm -rf {project} && mkdir -p {project}/data && echo precious > {project}/data/models"
     )
-    run = apply_role("project", project_dir=project)
-    assert run.rc != 0
-    assert f"{project}/data/models is a regular file" in run.output
-    kept = gpu_host.file("/srv/elsewhere-data/models")
-    assert kept.is_file and not kept.is_symlink
-    assert kept.content_string == "precious\n"
+    try:
+        run = apply_role("project", project_dir=project)
+        assert run.rc != 0
+        assert f"{project}/data/models is a regular file" in run.output
+        assert "It was left as it is" in one_line(run.output)
+        kept = gpu_host.file(f"{project}/data/models")
+        assert kept.is_file and not kept.is_symlink
+        assert kept.content_string == "precious\n"
+    finally:
+        gpu_host.check_output(f"rm -rf {project}")
 
 
 @pytest.mark.parametrize(
