@@ -157,6 +157,21 @@ def test_the_simulated_hosts_settings_pass(inventories, state, source):
             id="a choice the firewall role's spec refuses",
         ),
         pytest.param(
+            {"firewall_ssh_ports": ["22:24"]},
+            ["firewall role", "firewall_ssh_ports", "int"],
+            id="a range where the firewall takes SSH ports",
+        ),
+        pytest.param(
+            {"firewall_ssh_ports": [0]},
+            ['firewall_ssh_ports: port "0" must be a port from 1 to 65535'],
+            id="SSH port 0",
+        ),
+        pytest.param(
+            {"firewall_ssh_connection_port": 70000},
+            ["firewall_ssh_connection_port must be a whole number from 0 to 65535, got 70000"],
+            id="a connection port beyond 65535",
+        ),
+        pytest.param(
             {"project_data_links": {"inputs": "relative/path"}},
             ["project_data_links must map plain names to absolute paths"],
             id="a relative link target",

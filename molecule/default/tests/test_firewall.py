@@ -30,3 +30,5 @@ def test_fail2ban_guards_sshd(gpu_host):
     assert gpu_host.service("fail2ban").is_running
     jail = gpu_host.check_output("fail2ban-client status sshd")
     assert "Currently banned" in jail
+    # fail2ban's own reading of its configuration: the jail blocks the port sshd listens on.
+    assert "['port', '22']" in gpu_host.check_output("fail2ban-client -d")

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import json
+import socket
+import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
-DATA_LINKS = yaml.safe_load(
-    (Path(__file__).resolve().parents[3] / "roles/project/defaults/main.yml").read_text()
-)["project_data_links"]
+# The scenarios' shared helpers: the simulated hosts' addresses, ansible-playbook runs.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "resources"))
+import simlib
+from simlib import REPO
+
+DATA_LINKS = yaml.safe_load((REPO / "roles/project/defaults/main.yml").read_text())[
+    "project_data_links"
+]
+# sshd listens on this port only (prepare.yml); it is the host's ansible_port (host_vars/).
+SSH_PORT = 2222
 
 # A container image made on the host from its own echo and libc (no registry here), run
 # through docker compose without a network.
@@ -78,16 +88,102 @@ def test_tailscale_joined(host):
 
 
 def test_ufw_admits_only_ssh_and_tailscale(host):
+    """SSH on the port sshd listens on; prepare's rules for 22/tcp (the SSH port of before) and
+    8080/tcp (opened by hand) are gone."""
     verbose = host.check_output("ufw status verbose")
     assert "Status: active" in verbose
     assert "deny (incoming)" in verbose
-    rules = {line.split()[0] for line in verbose.splitlines() if "ALLOW IN" in line}
-    assert rules == {"22/tcp", "41641/udp"}
+    from_anywhere = {
+        line.split()[0]
+        for line in verbose.splitlines()
+        if line.split()[1:4] == ["ALLOW", "IN", "Anywhere"]
+    }
+    assert from_anywhere == {f"{SSH_PORT}/tcp", "41641/udp"}, verbose
+    added = host.check_output("ufw show added")
+    assert "ufw allow 22/tcp" not in added
+    assert "8080" not in added
 
 
-def test_fail2ban_guards_sshd(host):
+def test_ufw_keeps_the_rule_bound_to_an_interface(host):
+    """prepare added it as the app server's exchange does: it is not the firewall role's."""
+    added = host.check_output("ufw show added")
+    assert "ufw allow in on tailscale0 to any port 8288 proto tcp" in added, added
+
+
+def test_sshd_listens_on_its_port_only(host):
+    listening = host.check_output("ss -Htlnp")
+    ports = {
+        line.split()[3].rsplit(":", 1)[1] for line in listening.splitlines() if '"sshd"' in line
+    }
+    assert ports == {str(SSH_PORT)}, listening
+
+
+def test_ssh_answers_through_the_firewall(host):
+    """From outside the host, through ufw: sshd's banner on the admitted port."""
+    address = simlib.container_address(host.backend.name)
+    with socket.create_connection((address, SSH_PORT), timeout=10) as conn:
+        conn.settimeout(10)
+        assert conn.recv(64).startswith(b"SSH-2.0-")
+
+
+@pytest.fixture
+def listener_on_8080(host):
+    """Something listening on 8080, the port prepare opened by hand."""
+    host.check_output(
+        "systemd-run --unit comfyume-probe-8080 python3 -m http.server --bind 0.0.0.0 8080"
+    )
+    host.check_output("timeout 20 sh -c 'until ss -Htln | grep -q :8080; do sleep 0.2; done'")
+    yield 8080
+    host.run("systemctl stop comfyume-probe-8080; systemctl reset-failed comfyume-probe-8080")
+
+
+def test_the_port_opened_by_hand_is_closed_to_the_outside(host, listener_on_8080):
+    assert host.run(f"curl -fsS -o /dev/null http://127.0.0.1:{listener_on_8080}/").rc == 0
+    address = simlib.container_address(host.backend.name)
+    with pytest.raises(OSError):  # dropped by ufw: a timeout
+        socket.create_connection((address, listener_on_8080), timeout=3).close()
+
+
+def test_fail2ban_guards_sshd_on_its_port(host):
     assert host.service("fail2ban").is_running
     assert "Currently banned" in host.check_output("fail2ban-client status sshd")
+    # fail2ban's own reading of its configuration: the sshd jail's actions block this port.
+    assert f"['port', '{SSH_PORT}']" in host.check_output("fail2ban-client -d")
+
+
+def test_a_play_that_connects_on_another_port_changes_nothing_in_ufw(host, tmp_path):
+    """ansible_port 22 while sshd listens on 2222 only: enabling ufw as asked would lock the
+    admin out, so the firewall play stops, naming the port and the variable, before ufw."""
+    name = host.backend.name
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(
+        json.dumps(
+            {
+                "all": {
+                    "children": {
+                        "gpu_workers": {
+                            "hosts": {
+                                name: {
+                                    "ansible_connection": "community.docker.docker",
+                                    "ansible_port": 22,
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        )
+    )
+    before = host.check_output("ufw show added"), host.check_output("ufw status verbose")
+    run = simlib.run_playbook(inventory, REPO / "playbooks" / "firewall.yml", timeout=600)
+    flat = " ".join(run.output.split())
+    assert run.rc != 0, run.output[-3000:]
+    assert f"ufw was left as it was on {name}, because it would cut off SSH" in flat
+    assert "Ansible reaches sshd on port 22/tcp (ansible_port)" in flat
+    assert f"ufw would admit SSH only on {SSH_PORT}/tcp (the ports sshd listens on)" in flat
+    assert "Set ansible_port to the port sshd listens on" in flat
+    assert "Install ufw and fail2ban" not in run.output
+    assert (host.check_output("ufw show added"), host.check_output("ufw status verbose")) == before
 
 
 def test_dev_is_in_the_docker_group(host):
