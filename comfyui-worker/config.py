@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 WORKER_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+ACCOUNT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
 HERE = Path(__file__).resolve().parent
 DEFAULT_VRAM_TABLE = HERE / "vram_table.json"
 
@@ -106,6 +107,7 @@ class Config:
     health_interval: float = 5.0
     log_format: str = "text"
     log_level: str = "INFO"
+    worker_user: str = ""
 
     @property
     def comfyui_host_port(self) -> tuple[str, int]:
@@ -224,6 +226,7 @@ class Config:
             log_level=reader.choice(
                 "LOG_LEVEL", d.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True
             ),
+            worker_user=reader.account("WORKER_USER"),
         )
         if not reader.problems:
             reader.problems.extend(_consistency(cfg))
@@ -335,6 +338,20 @@ class _Reader:
                 value = Path(path).read_text().strip()
             except OSError as exc:
                 self.problem(f"{name}_FILE", f"cannot read {path}: {exc.strerror}")
+        return value
+
+    def account(self, name: str) -> str:
+        """An account name; unset is "", set but empty is a problem (the image sets it)."""
+        value = self.env.get(name)
+        if value is None:
+            return ""
+        value = value.strip()
+        if not ACCOUNT_RE.match(value):
+            return self.problem(
+                name,
+                f"{value!r} is not an account name (the one the worker becomes when started as "
+                "root: the image's is comfy)",
+            )
         return value
 
     def raw(self, name: str) -> str | None:

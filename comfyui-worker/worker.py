@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import logs
+import privileges
 import vram
 from comfy_client import ComfyClient, ComfyUnavailable, Outcome, execution_failure
 from config import Config, ConfigError
@@ -924,6 +925,14 @@ async def _amain(cfg: Config) -> int:
     )
     if cfg.queue_source == "redis" and not cfg.redis_password:
         log.warning("REDIS_PASSWORD is empty; the platform's Redis requires one")
+    for name in ("REDIS_PASSWORD", "FILE_EXCHANGE_TOKEN"):
+        if os.environ.get(name, "").strip():
+            log.warning(
+                "%s is set in the environment, which `docker inspect` shows: give it as a "
+                "root-only file named by %s_FILE instead",
+                name,
+                name,
+            )
     await worker.run()
     if worker.out_of_service:
         return EXIT_OUT_OF_SERVICE
@@ -954,7 +963,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print(json.dumps(_redacted(cfg), indent=2))
         return 0
+    # The secrets are read (Config.from_env); now, before anything else happens, become the
+    # image's user and end non-dumpable, or stop.
+    try:
+        identity = privileges.drop(cfg.worker_user, os.environ)
+    except privileges.PrivilegeError as exc:
+        print(f"comfyui-worker: {exc}; stopping instead of running ComfyUI", file=sys.stderr)
+        return 2
     logs.setup(cfg.worker_id, cfg.log_format, cfg.log_level)
+    log.log(logging.WARNING if identity.uid == 0 else logging.INFO, "%s", identity.describe())
     try:
         return asyncio.run(_amain(cfg))
     except Exception:

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Builds the worker image on a local base (no registry needed) with the ComfyUI stand-in as
-# ComfyUI, runs it against a password-protected redis-server on the host, and checks that it
-# becomes healthy, completes a job with its output on the host, fails its HEALTHCHECK when ComfyUI
-# or the worker loop is gone, keeps the password out of process lists, and stops cleanly.
+# ComfyUI, runs it as docker-compose.yml does (every capability dropped but SETUID, SETGID and
+# KILL, no-new-privileges, the Redis password a root-only file mounted read-only) against a
+# password-protected redis-server on the host, and checks that it becomes healthy, completes a
+# job with its output on the host, fails its HEALTHCHECK when ComfyUI or the worker loop is gone,
+# runs the worker and ComfyUI as comfy, keeps the password from comfy (the file, the worker's
+# environment and memory), out of process lists, `docker inspect` and the logs, and stops
+# cleanly.
 #
 #   tests/image_smoke.sh            # BASE_IMAGE defaults to comfyume/worker-base:latest
 # Exit 0 pass, 1 fail, 77 skipped (no docker daemon or no base image).
@@ -62,20 +66,30 @@ fi
 # 2. Redis on the host's loopback, password given on stdin (never on a command line).
 port="$("$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 comfy_port="$("$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-password="$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-printf 'port %s\nbind 127.0.0.1\nrequirepass %s\nsave ""\nappendonly no\n' "$port" "$password" \
+# What Compose's env-file syntax would cut (` #`) or expand (`$`): it must arrive whole.
+password="$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n') #c\$d"
+printf 'port %s\nbind 127.0.0.1\nrequirepass "%s"\nsave ""\nappendonly no\n' "$port" "$password" \
   | redis-server - >"$work/redis.log" 2>&1 &
 redis_pid=$!
+# The password as the play leaves it: a root:root 0400 file in a root 0700 folder.
+install -d -o root -g root -m 0700 "$work/secrets"
+printf '%s\n' "$password" >"$work/secrets/redis-password"
+chown root:root "$work/secrets/redis-password"
+chmod 0400 "$work/secrets/redis-password"
 
 mkdir -p "$work/data/outputs" "$work/data/inputs" "$work/data/models"
 chown -R 1000:1000 "$work/data"
-printf 'REDIS_HOST=127.0.0.1\nREDIS_PORT=%s\nREDIS_PASSWORD=%s\nWORKER_ID=smoke-1\nOUTPUT_DELIVERY=local\n' \
-  "$port" "$password" >"$work/env"
+printf 'REDIS_HOST=127.0.0.1\nREDIS_PORT=%s\nREDIS_PASSWORD_FILE=/run/secrets/redis-password\n' \
+  "$port" >"$work/env"
+printf 'WORKER_ID=smoke-1\nOUTPUT_DELIVERY=local\n' >>"$work/env"
 printf 'COMFYUI_URL=http://127.0.0.1:%s\nCOMFYUI_ARGS=--cpu\nQUEUE_POLL_INTERVAL=2\n' \
   "$comfy_port" >>"$work/env"
 
 # 3. Run it; host networking reaches the host's loopback Redis.
 container="$(docker run -d --network host --env-file "$work/env" \
+  --cap-drop ALL --cap-add SETUID --cap-add SETGID --cap-add KILL \
+  --security-opt no-new-privileges:true \
+  -v "$work/secrets/redis-password:/run/secrets/redis-password:ro" \
   -v "$work/data/outputs:/outputs" -v "$work/data/inputs:/inputs" -v "$work/data/models:/models:ro" \
   --health-interval 2s --health-timeout 5s --health-start-period 60s --health-retries 3 \
   --stop-timeout 30 "$tag")"
@@ -130,15 +144,50 @@ if docker exec -e HEALTH_FILE=/nonexistent "$container" \
   say "FAIL: healthcheck passed without the worker loop's health file"; exit 1
 fi
 
-# 6. Non-root, and no secret in any process's command line.
-[[ "$(docker exec "$container" id -u)" != 0 ]] || { say "FAIL: runs as root"; exit 1; }
-if docker exec "$container" sh -c 'cat /proc/[0-9]*/cmdline' 2>/dev/null | tr '\0' ' ' \
-  | grep -q "$password"; then
-  say "FAIL: the Redis password is visible in a process list"; exit 1
+# 6. The worker and ComfyUI run as comfy (the worker drops root once it has read the password);
+# tini alone stays root. comfy, ComfyUI's user, reads neither the password's file nor the
+# worker's environment or memory. No command line, configuration or log holds the password.
+comfy_uid="$(docker exec "$container" id -u comfy)"
+[[ "$comfy_uid" != 0 ]] || { say "FAIL: comfy is root"; exit 1; }
+listing="$(docker top "$container" -eo pid,uid,args)"
+for marker in /app/worker.py "main.py --listen"; do
+  uids="$(awk -v m="$marker" 'NR > 1 && $3 != "tini" && index($0, m) { print $2 }' <<<"$listing" | sort -u)"
+  [[ "$uids" == "$comfy_uid" ]] || { say "FAIL: $marker runs as uid '$uids'"; echo "$listing" >&2; exit 1; }
+done
+if docker exec --user comfy "$container" cat /run/secrets/redis-password >/dev/null 2>&1; then
+  say "FAIL: comfy can read the password's file"; exit 1
 fi
-if docker logs "$container" 2>&1 | grep -q "$password"; then
-  say "FAIL: the Redis password is in the logs"; exit 1
-fi
+reach="$(docker exec -i --user comfy "$container" /opt/worker-venv/bin/python - <<'EOF'
+import os
+def cmdline(p):
+    try:
+        return open(f"/proc/{p}/cmdline", "rb").read()
+    except OSError:
+        return b""
+# tini, PID 1, names the worker's command line too.
+[pid] = [p for p in os.listdir("/proc") if p.isdigit() and p != "1" and b"/app/worker.py" in cmdline(p)]
+for what in ("environ", "mem"):
+    try:
+        open(f"/proc/{pid}/{what}", "rb").close()  # the kernel decides at open
+        print(f"{what}: opened")
+    except PermissionError:
+        print(f"{what}: denied")
+EOF
+)"
+[[ "$reach" == $'environ: denied\nmem: denied' ]] || { say "FAIL: comfy reaches the worker: $reach"; exit 1; }
+# Each output is read whole before it is searched: `grep -q` ending a pipe early would fail the
+# pipe (pipefail) and read as "not found".
+cmdlines="$(docker exec "$container" sh -c 'cat /proc/[0-9]*/cmdline 2>/dev/null; true' | tr '\0' ' ')"
+inspected="$(docker inspect "$container")"
+history="$(docker history --no-trunc "$tag")"
+logs="$(docker logs "$container" 2>&1)"
+for place in cmdlines inspected history logs; do
+  if grep -qF -- "$password" <<<"${!place}"; then
+    say "FAIL: the Redis password is in $place"; exit 1
+  fi
+done
+grep -q "running as comfy (uid $comfy_uid" <<<"$logs" \
+  || { say "FAIL: the worker did not log its drop to comfy"; exit 1; }
 
 # 7. docker stop: the worker stops ComfyUI and exits 0.
 docker stop "$container" >/dev/null

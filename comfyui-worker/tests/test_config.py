@@ -66,6 +66,35 @@ def test_password_is_not_in_repr(tmp_path) -> None:
     assert Config.from_env({"REDIS_PASSWORD_FILE": str(pw)}).redis_password == "from-file"
 
 
+def test_a_password_file_keeps_what_an_env_file_would_cut(tmp_path) -> None:
+    """Compose's env-file syntax ends an unquoted value at ` #` and expands `$`: a password
+    given as REDIS_PASSWORD there reaches the worker cut short. Read from its file, whole."""
+    password = "ab #cd$x"
+    assert read_env_file(f"REDIS_PASSWORD={password}\n")[0]["REDIS_PASSWORD"] == "ab"
+    pw = tmp_path / "redis-password"
+    pw.write_text(password + "\n")  # as the play writes it
+    token = tmp_path / "exchange-token"
+    token.write_text("t0k #en$HOME'\"\n")
+    cfg = Config.from_env({"REDIS_PASSWORD_FILE": str(pw), "FILE_EXCHANGE_TOKEN_FILE": str(token)})
+    assert cfg.redis_password == password
+    assert cfg.exchange_token == "t0k #en$HOME'\""
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, ""), ("comfy", "comfy"), (" comfy ", "comfy"), ("", None), ("a b", None)],
+)
+def test_worker_user_is_unset_or_an_account_name(value, expected) -> None:
+    """The image sets WORKER_USER=comfy; set but empty would run ComfyUI as root, so it is
+    refused like any other bad value."""
+    env = {} if value is None else {"WORKER_USER": value}
+    if expected is None:
+        with pytest.raises(ConfigError, match=r"WORKER_USER: .* is not an account name"):
+            Config.from_env(env)
+    else:
+        assert Config.from_env(env).worker_user == expected
+
+
 def test_worker_exits_2_naming_the_variable_and_hiding_the_password() -> None:
     env = {"REDIS_PASSWORD": "topsecret", "QUEUE_MODE": "lifo", "PATH": "/usr/bin:/bin"}
     done = subprocess.run(

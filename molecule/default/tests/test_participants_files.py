@@ -152,15 +152,20 @@ def test_workers_mount_only_their_own_staging_folder(gpu_host):
     for n in (1, 2):
         info = inspect(gpu_host, f"worker-{n}")
         mounts = {m["Destination"]: m["Source"] for m in info["Mounts"]}
-        assert set(mounts) == {"/staging", "/models", "/run/secrets/exchange-token"}, mounts
+        assert set(mounts) == {
+            "/staging",
+            "/models",
+            "/run/secrets/exchange-token",
+            "/run/secrets/redis-password",
+        }, mounts
         assert mounts["/staging"] == f"/mnt/scratch/temp/staging/worker-{n}"
         env = dict(item.split("=", 1) for item in info["Config"]["Env"])
         assert env["OUTPUT_DELIVERY"] == "exchange"
         assert "FILE_EXCHANGE_TOKEN" not in env
         assert info["HostConfig"]["Memory"] > 0
         assert info["HostConfig"]["PidsLimit"] == 4096
-    token = gpu_host.file("/home/dev/comfyume/.exchange-token")
-    assert token.user == "dev" and token.mode == 0o400
+    token = gpu_host.file("/home/dev/comfyume/secrets/exchange-token")
+    assert (token.user, token.group, token.mode) == ("root", "root", 0o400)
 
 
 def test_a_job_survives_an_exchange_outage(app_host, redis_client):

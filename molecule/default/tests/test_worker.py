@@ -44,10 +44,13 @@ def test_project_env_is_private_to_dev(gpu_host):
 
 
 def test_redis_answers_from_inside_worker_1(gpu_host):
+    """As root (docker exec's user), which alone reads the password's file, through the
+    worker's own configuration reader (REDIS_PASSWORD_FILE)."""
     out = gpu_host.check_output(
         "docker exec worker-1 /opt/worker-venv/bin/python -c "
-        "\"import os, redis; print(redis.Redis(os.environ['REDIS_HOST'], "
-        "password=os.environ['REDIS_PASSWORD']).ping())\""
+        "\"import sys; sys.path.insert(0, '/app'); import redis; from config import Config; "
+        "cfg = Config.from_env(); print(redis.Redis(cfg.redis_host, cfg.redis_port, "
+        'password=cfg.redis_password).ping())"'
     )
     assert out == "True"
 

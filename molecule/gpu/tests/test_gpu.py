@@ -82,7 +82,8 @@ def test_cuda_is_usable_inside_the_worker_image(gpu_host):
         "print(json.dumps({'ok': ok, 'n': torch.cuda.device_count(), 'x': x}))"
     )
     for name in workers:
-        run = gpu_host.run(f'docker exec {name} python3 -c "{probe}"')
+        # As the user ComfyUI runs as (docker exec alone is root).
+        run = gpu_host.run(f'docker exec --user comfy {name} python3 -c "{probe}"')
         assert run.rc == 0, f"{name}: {run.stderr}"
         answer = json.loads(run.stdout.strip().splitlines()[-1])
         assert answer == {"ok": True, "n": answer["n"], "x": 1024.0}, f"{name}: {answer}"
