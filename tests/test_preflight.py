@@ -172,6 +172,21 @@ def test_the_simulated_hosts_settings_pass(inventories, state, source):
             id="a connection port beyond 65535",
         ),
         pytest.param(
+            {"firewall_docker_allowed_interfaces": ["tailscale0", "eth0 -j ACCEPT"]},
+            ['firewall_docker_allowed_interfaces: "eth0 -j ACCEPT" must be an interface name'],
+            id="iptables words where the firewall takes an interface",
+        ),
+        pytest.param(
+            {"firewall_docker_bridges": ["a-bridge-name-too-long"]},
+            ['firewall_docker_bridges: "a-bridge-name-too-long" must be an interface name'],
+            id="an interface name longer than 15 characters",
+        ),
+        pytest.param(
+            {"docker_default_bind_address": "localhost"},
+            ["docker_default_bind_address must be empty or one IP address", '"localhost"'],
+            id="a host name where Docker takes an address to bind",
+        ),
+        pytest.param(
             {"project_data_links": {"inputs": "relative/path"}},
             ["project_data_links must map plain names to absolute paths"],
             id="a relative link target",

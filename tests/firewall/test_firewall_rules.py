@@ -123,3 +123,142 @@ def test_ports_may_be_numbers():
 )
 def test_port_admitted(port, wanted, admitted):
     assert rules.firewall_port_admitted(port, wanted) is admitted
+
+
+# ---- DOCKER-USER: containers answer only on the allowed interfaces ---------------------------
+
+# What `iptables -S DOCKER-USER` printed on the simulated host (iptables 1.8.11, nf_tables) after
+# the role's section was loaded: the role compares the chain with its rules in this form.
+LIVE_RULES = [
+    "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+    "-i lo -j RETURN",
+    "-i tailscale0 -j RETURN",
+    "-i docker0 -j RETURN",
+    "-i br-+ -j RETURN",
+    "-m conntrack --ctstate DNAT -j DROP",
+    "-o docker0 -j DROP",
+    "-o br-+ -j DROP",
+    "-j RETURN",
+]
+
+
+def probe(*lines: str, ipv6: str = "yes") -> str:
+    return "\n".join([f"ipv6={ipv6}", *lines]) + "\n"
+
+
+def live(tool: str, rules_: list[str]) -> list[str]:
+    return [f"{tool} -A DOCKER-USER {rule}" for rule in rules_]
+
+
+def test_the_default_rules_are_those_iptables_prints():
+    made = rules.firewall_docker_user_rules(["tailscale0"], ["docker0", "br-+"])
+    assert made == LIVE_RULES
+
+
+def test_replies_pass_first_and_everything_else_returns_to_docker_last():
+    made = rules.firewall_docker_user_rules(["tailscale0"], ["docker0"])
+    assert made[0] == "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"
+    assert made[-1] == "-j RETURN"
+    # Every allowed interface is let through before anything is dropped.
+    first_drop = next(i for i, rule in enumerate(made) if rule.endswith("-j DROP"))
+    assert all(rule.endswith("-j RETURN") for rule in made[:first_drop])
+
+
+def test_loopback_always_passes_and_no_interface_is_named_twice():
+    made = rules.firewall_docker_user_rules(["lo", "tailscale0", "docker0"], ["docker0"])
+    assert [rule for rule in made if rule.startswith("-i ")] == [
+        "-i lo -j RETURN",
+        "-i tailscale0 -j RETURN",
+        "-i docker0 -j RETURN",
+    ]
+
+
+def test_without_an_allowed_interface_only_loopback_and_the_bridges_reach_containers():
+    made = rules.firewall_docker_user_rules([], ["docker0"])
+    assert [rule for rule in made if rule.startswith("-i ")] == [
+        "-i lo -j RETURN",
+        "-i docker0 -j RETURN",
+    ]
+    assert "-o docker0 -j DROP" in made
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "eth0 -j ACCEPT", "eth0\n-A DOCKER-USER -j ACCEPT", "a-bridge-name-too-long", "br+x", "!"],
+)
+def test_a_name_that_is_not_an_interface_is_refused(name):
+    with pytest.raises(ValueError, match="firewall_docker_allowed_interfaces"):
+        rules.firewall_docker_user_rules([name], ["docker0"])
+
+
+def test_a_bridge_that_is_not_an_interface_is_refused():
+    with pytest.raises(ValueError, match="firewall_docker_bridges"):
+        rules.firewall_docker_user_rules(["tailscale0"], ["docker0 -j ACCEPT"])
+
+
+def test_the_restore_section_empties_the_chain_and_fills_it():
+    section = rules.firewall_docker_user_restore(["-i lo -j RETURN", "-j RETURN"])
+    assert section == (
+        "*filter\n"
+        ":DOCKER-USER - [0:0]\n"
+        "-A DOCKER-USER -i lo -j RETURN\n"
+        "-A DOCKER-USER -j RETURN\n"
+        "COMMIT\n"
+    )
+
+
+def test_rules_in_force_for_both_families_leave_nothing_to_do():
+    state = rules.firewall_docker_user_state(
+        probe(*live("iptables", LIVE_RULES), *live("ip6tables", LIVE_RULES)), LIVE_RULES
+    )
+    assert state == {
+        "ipv6": True,
+        "tools": ["iptables", "ip6tables"],
+        "stale": [],
+        "ours": ["iptables", "ip6tables"],
+        "foreign": [],
+    }
+
+
+def test_dockers_own_chain_is_stale():
+    """What Docker leaves in DOCKER-USER by itself: one RETURN, which admits everything."""
+    state = rules.firewall_docker_user_state(
+        probe("iptables -A DOCKER-USER -j RETURN", "ip6tables -A DOCKER-USER -j RETURN"),
+        LIVE_RULES,
+    )
+    assert state["stale"] == ["iptables", "ip6tables"]
+    assert state["ours"] == []
+
+
+def test_a_missing_chain_is_stale():
+    state = rules.firewall_docker_user_state(probe(), LIVE_RULES)
+    assert state["stale"] == ["iptables", "ip6tables"]
+
+
+def test_a_rule_added_by_hand_or_a_changed_setting_makes_the_chain_stale():
+    extra = [*LIVE_RULES[:-1], "-s 203.0.113.7/32 -j RETURN", LIVE_RULES[-1]]
+    state = rules.firewall_docker_user_state(
+        probe(*live("iptables", extra), *live("ip6tables", LIVE_RULES)), LIVE_RULES
+    )
+    assert state["stale"] == ["iptables"]
+    assert state["ours"] == ["ip6tables"]
+
+
+@pytest.mark.parametrize("setting", ["no", '"no"', ""])
+def test_ipv6_rules_are_only_wanted_where_ufw_manages_ipv6(setting):
+    state = rules.firewall_docker_user_state(
+        probe(*live("iptables", LIVE_RULES), ipv6=setting), LIVE_RULES
+    )
+    assert state["tools"] == ["iptables"]
+    assert state["stale"] == []
+
+
+def test_a_quoted_yes_counts():
+    state = rules.firewall_docker_user_state(probe(ipv6='"yes"'), LIVE_RULES)
+    assert state["ipv6"] is True
+
+
+def test_docker_user_rules_of_someone_else_in_ufws_files_are_reported():
+    foreign = "/etc/ufw/after.rules:37: -A DOCKER-USER -j RETURN -s 10.0.0.0/8"
+    state = rules.firewall_docker_user_state(probe(f"foreign={foreign}"), LIVE_RULES)
+    assert state["foreign"] == [foreign]

@@ -41,6 +41,38 @@ def test_verify_reports_healthy_workers():
     assert report["scratch_free_mb"] > 0
 
 
+def listening(host, port: int) -> bool:
+    return host.check_output(f"ss -Htln 'sport = :{port}'") != ""
+
+
+def test_verify_names_a_listener_on_a_public_address(gpu_host):
+    """A server on 0.0.0.0 fails verify, named with its process and address; one on loopback
+    does not."""
+    servers = {
+        "comfyume-test-public": ("0.0.0.0", 18090),
+        "comfyume-test-loopback": ("127.0.0.1", 18091),
+    }
+    try:
+        for unit, (address, port) in servers.items():
+            server = f"python3 -m http.server {port} --bind {address}"
+            gpu_host.check_output(f"systemd-run --collect --unit {unit} {server}")
+        deadline = time.monotonic() + 30
+        while not all(listening(gpu_host, port) for _, port in servers.values()):
+            assert time.monotonic() < deadline, "the test servers did not start"
+            time.sleep(0.5)
+        run = run_playbook(REPO / "playbooks/verify.yml", "-e", f"verify_report_path={REPORT}")
+    finally:
+        for unit in servers:
+            gpu_host.run(f"systemctl stop {unit}")
+    assert run.rc != 0, run.output[-3000:]
+    report = json.loads(REPORT.read_text())["verda-sim"]
+    [public] = report["public_listeners"]
+    assert public.startswith("python3 (pid ") and public.endswith(") on 0.0.0.0:18090/tcp"), public
+    assert report["failures"] == [f"listening on a public address: {public}"]
+    assert f"listening on a public address: {public}" in " ".join(run.output.split())
+    assert ":18091" not in run.output
+
+
 def test_rolling_restart_loses_no_job(gpu_host, redis_client):
     ids_before = {n: inspect(gpu_host, n)["State"]["StartedAt"] for n in ("worker-1", "worker-2")}
     jobs = [submit_job.enqueue(redis_client, sleep_workflow(4), "drain-user") for _ in range(3)]

@@ -22,6 +22,8 @@ def test_daemon_json_is_valid_and_has_no_gpu_runtime_without_a_gpu(gpu_host):
     config = json.loads(gpu_host.file("/etc/docker/daemon.json").content_string)
     assert config["log-driver"] == "json-file"
     assert "runtimes" not in config
+    # A port published without an address (`-p 8080:80`) binds loopback only.
+    assert config["ip"] == "127.0.0.1"
 
 
 def test_compose_v2_runs_a_service(gpu_host):

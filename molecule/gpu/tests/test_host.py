@@ -90,6 +90,17 @@ def test_firewall_admits_only_ssh_and_tailscale(host):
     assert host.service("fail2ban").is_running
 
 
+def test_containers_answer_only_on_loopback_and_the_tailnet(host):
+    """Ports published without an address bind loopback; DOCKER-USER, which forwarded traffic
+    meets first, drops new connections to containers unless they come from the tailnet."""
+    assert json.loads(host.file("/etc/docker/daemon.json").content_string)["ip"] == "127.0.0.1"
+    rules = host.check_output("iptables -S DOCKER-USER")
+    assert "-A DOCKER-USER -i tailscale0 -j RETURN" in rules, rules
+    assert "-A DOCKER-USER -m conntrack --ctstate DNAT -j DROP" in rules, rules
+    forward = host.check_output("iptables -S FORWARD").splitlines()
+    assert forward[1] == "-A FORWARD -j DOCKER-USER", forward
+
+
 def test_tailscale_is_online(host):
     status = json.loads(host.check_output("tailscale status --json"))
     assert status["BackendState"] == "Running"

@@ -104,6 +104,18 @@ def test_ufw_admits_only_ssh_and_tailscale(host):
     assert "8080" not in added
 
 
+def test_containers_answer_only_on_loopback_and_the_tailnet(host):
+    """Ports published without an address bind loopback; DOCKER-USER drops the rest unless it
+    comes from the tailnet, and ufw loads those rules at boot (after.rules, after6.rules)."""
+    assert json.loads(host.file("/etc/docker/daemon.json").content_string)["ip"] == "127.0.0.1"
+    for tool, rules_file in (("iptables", "after.rules"), ("ip6tables", "after6.rules")):
+        rules = host.check_output(f"{tool} -S DOCKER-USER")
+        assert "-A DOCKER-USER -i tailscale0 -j RETURN" in rules, rules
+        assert "-A DOCKER-USER -m conntrack --ctstate DNAT -j DROP" in rules, rules
+        loaded = host.file(f"/etc/ufw/{rules_file}").content_string
+        assert "# BEGIN comfyume firewall: DOCKER-USER" in loaded
+
+
 def test_ufw_keeps_the_rule_bound_to_an_interface(host):
     """prepare added it as the app server's exchange does: it is not the firewall role's."""
     added = host.check_output("ufw show added")

@@ -7,11 +7,19 @@ profile, from anywhere, on any interface, with or without a comment. A rule boun
 interface, a source or a destination, a logged rule, an outbound, routed, deny or reject rule
 belongs to someone else (the app server's exchange admits its port on tailscale0 that way) and
 is never touched.
+
+They also write and read the DOCKER-USER chain. Docker's published ports bypass ufw: Docker
+rewrites (DNAT) a connection to a published port before ufw's INPUT rules see it and forwards
+it to the container, through the FORWARD chain, where Docker sends it first to DOCKER-USER, a
+chain it creates but never fills. The rules below, kept in ufw's after.rules and after6.rules
+so that they are back at every boot and every `ufw reload`, drop new connections to containers
+unless they arrive on an allowed interface (the tailnet's) or from Docker's own bridges.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 # One line of `ufw show added` for a plain inbound rule; ufw prints every rule it holds in a
 # normal form (`ufw allow in 8080/tcp` is listed as `ufw allow 8080/tcp`).
@@ -85,11 +93,95 @@ def firewall_port_admitted(port: object, wanted: list[dict], proto: str = "tcp")
     )
 
 
+# A name iptables takes for -i/-o: at most 15 characters, `+` at the end for a prefix.
+INTERFACE = re.compile(r"^(?=.{1,15}$)[A-Za-z0-9_.@-]+\+?$")
+
+# What each tool reports for DOCKER-USER in the probe of tasks/docker.yml, one rule a line.
+PROBE_RULE = re.compile(r"^(?P<tool>iptables|ip6tables) -A DOCKER-USER (?P<rule>.+)$")
+
+
+def _interfaces(names: Iterable[object], what: str) -> list[str]:
+    found: list[str] = []
+    for name in names:
+        text = str(name)
+        if not INTERFACE.match(text):
+            raise ValueError(
+                f"{what}: {text!r} is not an interface name iptables takes (1 to 15 of"
+                " A-Z a-z 0-9 _ . @ -, with + at the end for every name that starts so)"
+            )
+        if text not in found:
+            found.append(text)
+    return found
+
+
+def firewall_docker_user_rules(allowed: Iterable[object], bridges: Iterable[object]) -> list[str]:
+    """The DOCKER-USER rules, each as `iptables -S` prints it after `-A DOCKER-USER `.
+
+    Replies and related traffic pass; new connections pass when they arrive on loopback, an
+    allowed interface or one of Docker's bridges (containers reaching each other, and the
+    outside); any other connection that Docker rewrote to a container (a published port) or
+    that would leave through one of Docker's bridges (a container's own address, routed to
+    this host) is dropped. Everything else, container traffic included, goes on to Docker's
+    own rules.
+    """
+    allowed_names = _interfaces(allowed, "firewall_docker_allowed_interfaces")
+    bridge_names = _interfaces(bridges, "firewall_docker_bridges")
+    inbound = _interfaces(["lo", *allowed_names, *bridge_names], "interfaces")
+    return [
+        "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+        *(f"-i {name} -j RETURN" for name in inbound),
+        "-m conntrack --ctstate DNAT -j DROP",
+        *(f"-o {name} -j DROP" for name in bridge_names),
+        "-j RETURN",
+    ]
+
+
+def firewall_docker_user_restore(rules: Iterable[str]) -> str:
+    """The rules as an iptables-restore section: DOCKER-USER is emptied, then filled."""
+    lines = ["*filter", ":DOCKER-USER - [0:0]", *(f"-A DOCKER-USER {rule}" for rule in rules)]
+    return "\n".join([*lines, "COMMIT"]) + "\n"
+
+
+def firewall_docker_user_state(probe: str, rules: list[str]) -> dict:
+    """Which tools' DOCKER-USER chain must be (re)loaded, from the probe's output.
+
+    The probe prints `ipv6=<IPV6 of /etc/default/ufw>`, each tool's rules as `iptables -A
+    DOCKER-USER ...`, and `foreign=<file>:<line>: <text>` for each line of ufw's after*.rules
+    outside the role's block that names DOCKER-USER. `tools`: iptables, and ip6tables where
+    ufw manages IPv6; `stale`: those of them whose chain is not exactly the rules; `ours`:
+    every tool whose chain is exactly the rules (what switching the filter off resets);
+    `foreign`: those lines.
+    """
+    live: dict[str, list[str]] = {"iptables": [], "ip6tables": []}
+    ipv6 = False
+    foreign: list[str] = []
+    for raw in probe.splitlines():
+        line = raw.strip()
+        if line.startswith("ipv6="):
+            ipv6 = line.split("=", 1)[1].strip().strip("\"'").lower() == "yes"
+        elif line.startswith("foreign="):
+            foreign.append(line.split("=", 1)[1])
+        elif match := PROBE_RULE.match(line):
+            live[match["tool"]].append(match["rule"].strip())
+    tools = ["iptables", "ip6tables"] if ipv6 else ["iptables"]
+    wanted = list(rules)
+    return {
+        "ipv6": ipv6,
+        "tools": tools,
+        "stale": [tool for tool in tools if live[tool] != wanted],
+        "ours": [tool for tool in live if wanted and live[tool] == wanted],
+        "foreign": foreign,
+    }
+
+
 class FilterModule:
-    """ufw rule decisions for the firewall role."""
+    """ufw and DOCKER-USER rule decisions for the firewall role."""
 
     def filters(self) -> dict:
         return {
             "firewall_ufw_plan": firewall_ufw_plan,
             "firewall_port_admitted": firewall_port_admitted,
+            "firewall_docker_user_rules": firewall_docker_user_rules,
+            "firewall_docker_user_restore": firewall_docker_user_restore,
+            "firewall_docker_user_state": firewall_docker_user_state,
         }
