@@ -7,18 +7,14 @@ facts and their tasks never reach a host)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from ansible import constants as C
+from localplay import BIN, REPO, Run, ansible_env, run, venv_path
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 INVENTORIES = REPO / "inventories"
 PREFLIGHT = REPO / "playbooks" / "preflight.yml"
 CHECK = REPO / "playbooks" / "tasks" / "refuse-placeholder-secrets.yml"
@@ -66,29 +62,13 @@ def inventories(tmp_path: Path) -> Path:
     return copy
 
 
-def ansible_env() -> dict:
-    env = dict(os.environ)
-    env.update(
-        ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
-        ANSIBLE_NOCOLOR="1",
-        ANSIBLE_FORCE_COLOR="0",
-        ANSIBLE_LOCALHOST_WARNING="0",
-    )
-    env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
-    return env
+def controller_env() -> dict[str, str]:
+    return ansible_env(ANSIBLE_LOCALHOST_WARNING="0", PATH=venv_path())
 
 
-def preflight(inventory: Path, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [str(BIN / "ansible-playbook"), "-i", str(inventory), str(PREFLIGHT), *args],
-        cwd=REPO,
-        env=ansible_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    proc.output = proc.stdout + proc.stderr
-    return proc
+def preflight(inventory: Path, *args: str) -> Run:
+    command = [BIN / "ansible-playbook", "-i", inventory, PREFLIGHT, *args]
+    return run(command, controller_env(), 120, cwd=REPO)
 
 
 def strings(node):
@@ -125,13 +105,9 @@ def test_the_preflight_knows_every_placeholder_of_the_examples():
 
 @pytest.mark.parametrize("source", ["production/hosts.yml", "local/hosts.yml", "local/fleet.yml"])
 def test_no_variable_ansible_loads_is_a_placeholder(inventories, source):
-    proc = subprocess.run(
-        [str(BIN / "ansible-inventory"), "-i", str(inventories / source), "--list"],
-        cwd=REPO,
-        env=ansible_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
+    inventory = inventories / source
+    proc = run(
+        [BIN / "ansible-inventory", "-i", inventory, "--list"], controller_env(), 120, cwd=REPO
     )
     assert proc.returncode == 0, proc.stderr
     placeholders = set(example_values().values()) | known_placeholders()

@@ -7,17 +7,14 @@ a copy of the simulated hosts' inventory (their addresses given, as Docker would
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from localplay import BIN, REPO, Run, ansible_env, run, venv_path
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 PREFLIGHT = REPO / "playbooks" / "preflight.yml"
 TIMEOUTS = yaml.safe_load((REPO / "playbooks/group_vars/all/timeouts.yml").read_text())[
     "comfyume_timeouts"
@@ -42,28 +39,12 @@ def state(tmp_path: Path) -> Path:
     return tmp_path / "sim-state"
 
 
-def preflight(inventory: Path, state: Path, extra: dict | None = None, *args: str):
-    env = dict(os.environ)
-    env.update(
-        ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
-        ANSIBLE_NOCOLOR="1",
-        ANSIBLE_FORCE_COLOR="0",
-        ANSIBLE_LOCALHOST_WARNING="0",
-        PATH=os.pathsep.join([str(BIN), env.get("PATH", "")]),
-    )
+def preflight(inventory: Path, state: Path, extra: dict | None = None, *args: str) -> Run:
+    """The preflight's run; its `flat` output has Ansible's YAML line wrapping undone."""
+    env = ansible_env(ANSIBLE_LOCALHOST_WARNING="0", PATH=venv_path())
     variables = {"comfyume_sim_state_dir": str(state), **SIM_ADDRESSES, **(extra or {})}
-    command = [str(BIN / "ansible-playbook"), "-i", str(inventory), str(PREFLIGHT)]
-    proc = subprocess.run(
-        [*command, "-e", json.dumps(variables), *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    proc.output = proc.stdout + proc.stderr
-    proc.flat = " ".join(proc.output.split())  # Ansible's YAML line wrapping undone
-    return proc
+    command = [BIN / "ansible-playbook", "-i", inventory, PREFLIGHT]
+    return run([*command, "-e", json.dumps(variables), *args], env, 300, cwd=REPO)
 
 
 def secrets_of(state: Path) -> list[str]:

@@ -5,57 +5,16 @@ from __future__ import annotations
 
 import ast
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
-from disk_helpers import MIB, MODULE_PATH, REPO, populated_dir, sh, sha256, sparse_image
-
-BIN = Path(sys.executable).parent
-
-
-def ansible_env(home: Path) -> dict:
-    env = dict(os.environ)
-    env.update(
-        ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
-        ANSIBLE_LIBRARY=str(MODULE_PATH.parent),
-        ANSIBLE_HOME=str(home),
-        ANSIBLE_LOCAL_TEMP=str(home / "tmp"),
-        ANSIBLE_REMOTE_TEMP=str(home / "tmp"),
-        ANSIBLE_LOAD_CALLBACK_PLUGINS="1",
-        ANSIBLE_STDOUT_CALLBACK="ansible.posix.json",
-        ANSIBLE_LOCALHOST_WARNING="0",
-        ANSIBLE_INVENTORY_UNPARSED_WARNING="0",
-        ANSIBLE_NOCOLOR="1",
-    )
-    return env
+from disk_helpers import MIB, MODULE_PATH, populated_dir, sh, sha256, sparse_image
+from localplay import ansible_doc, doc_block, imported_roots, module_env, run_adhoc
 
 
-def run_adhoc(home: Path, args: str, *, check: bool = False) -> dict:
-    argv = [
-        str(BIN / "ansible"),
-        "localhost",
-        "-i",
-        "localhost,",
-        "-c",
-        "local",
-        "-e",
-        f"ansible_python_interpreter={sys.executable}",
-        "-m",
-        "disk_probe",
-        "-a",
-        args,
-        *(["--check"] if check else []),
-    ]
-    proc = subprocess.run(
-        argv, cwd=REPO, env=ansible_env(home), capture_output=True, text=True, timeout=120
-    )
-    assert "Traceback" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
-    result = json.loads(proc.stdout)["plays"][0]["tasks"][0]["hosts"]["localhost"]
-    result["_rc"] = proc.returncode
-    return result
+def probe(home: Path, args: str, *, check: bool = False) -> dict:
+    env = module_env(MODULE_PATH.parent, home)
+    return run_adhoc("disk_probe", args, env=env, check=check)
 
 
 def test_adhoc_on_a_tar_archive_reports_and_changes_nothing(loop, tmp_path):
@@ -64,7 +23,7 @@ def test_adhoc_on_a_tar_archive_reports_and_changes_nothing(loop, tmp_path):
     sh("tar", "-cf", device, "-C", str(tmp_path), "outputs")
     before = sha256(device)
     for check in (False, True):
-        result = run_adhoc(tmp_path / "home", f"device={device}", check=check)
+        result = probe(tmp_path / "home", f"device={device}", check=check)
         assert result["_rc"] == 0, result
         assert result["changed"] is False
         assert result["blank"] is False
@@ -76,33 +35,26 @@ def test_adhoc_on_a_tar_archive_reports_and_changes_nothing(loop, tmp_path):
 
 def test_adhoc_on_a_fresh_volume_is_blank(loop, tmp_path):
     device = loop(sparse_image(tmp_path / "disk.img", 64 * MIB))
-    result = run_adhoc(tmp_path / "home", f"device={device}")
+    result = probe(tmp_path / "home", f"device={device}")
     assert result["_rc"] == 0, result
     assert result["blank"] is True and result["reasons"] == []
 
 
 def test_adhoc_on_a_missing_path_reports_it_without_failing(tmp_path):
-    result = run_adhoc(tmp_path / "home", f"device={tmp_path}/vdz")
+    result = probe(tmp_path / "home", f"device={tmp_path}/vdz")
     assert result["_rc"] == 0, result
     assert result["exists"] is False and result["blank"] is False
     assert result["reasons"] == [f"{tmp_path}/vdz does not exist"]
 
 
 def test_bad_options_fail_naming_them(tmp_path):
-    result = run_adhoc(tmp_path / "home", "device=/dev/null region_bytes=1")
+    result = probe(tmp_path / "home", "device=/dev/null region_bytes=1")
     assert result["_rc"] != 0
     assert "region_bytes must be at least 512" in result["msg"]
 
 
 def test_ansible_doc_renders(tmp_path):
-    proc = subprocess.run(
-        [str(BIN / "ansible-doc"), "--json", "disk_probe"],
-        cwd=REPO,
-        env=ansible_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = ansible_doc("--json", "disk_probe", env=module_env(MODULE_PATH.parent, tmp_path))
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)["disk_probe"]
     assert doc["doc"]["module"] == "disk_probe"
@@ -114,16 +66,8 @@ def test_ansible_doc_renders(tmp_path):
 # ---- sanity checks ----------------------------------------------------------------------
 
 
-def doc_block(name: str) -> str:
-    tree = ast.parse(MODULE_PATH.read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == name:
-            return node.value.value
-    raise AssertionError(f"{name} missing")
-
-
 def test_documentation_matches_argument_spec_exactly(dp):
-    options = yaml.safe_load(doc_block("DOCUMENTATION"))["options"]
+    options = yaml.safe_load(doc_block(MODULE_PATH, "DOCUMENTATION"))["options"]
     assert set(options) == set(dp.ARGUMENT_SPEC)
     for name, arg in dp.ARGUMENT_SPEC.items():
         documented = options[name]
@@ -134,7 +78,7 @@ def test_documentation_matches_argument_spec_exactly(dp):
 
 
 def test_return_documents_every_fact(dp, tmp_path):
-    returned = set(yaml.safe_load(doc_block("RETURN")))
+    returned = set(yaml.safe_load(doc_block(MODULE_PATH, "RETURN")))
     produced = set(dp.probe(str(tmp_path), lambda argv: (2, "", "")))
     assert produced == returned
 
@@ -144,14 +88,7 @@ def test_target_side_code_parses_as_python_3_10():
 
 
 def test_imports_are_stdlib_or_ansible():
-    tree = ast.parse(MODULE_PATH.read_text())
-    roots = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            roots.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            roots.add(node.module.split(".")[0])
-    assert roots <= {"__future__", "errno", "os", "stat", "ansible"}
+    assert imported_roots(MODULE_PATH) <= {"__future__", "errno", "os", "stat", "ansible"}
 
 
 def test_the_module_opens_nothing_for_writing():

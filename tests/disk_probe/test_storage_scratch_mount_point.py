@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from disk_helpers import MIB, have_tools, sha256, sparse_image
-from test_storage_scratch_refusals import FSTAB, one_line, run_role
+from test_storage_scratch_refusals import FSTAB, put_back, run_role
 
 SIZE = 64 * MIB
 FIRST_LOOP = 3
@@ -47,16 +47,7 @@ def loop_dev(tmp_path) -> Iterator[Callable[[str], str]]:
         pytest.skip(f"no free loop device from /dev/loop{FIRST_LOOP} on")
 
     yield attach
-    mounts = subprocess.run(
-        ["findmnt", "--raw", "--noheadings", "--output", "TARGET"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.split()
-    for target in sorted((m for m in mounts if m.startswith(str(tmp_path))), reverse=True):
-        subprocess.run(["umount", target], check=False)
-    if fstab is not None and FSTAB.read_bytes() != fstab:
-        FSTAB.write_bytes(fstab)
+    put_back(tmp_path, fstab)
     for device in reversed(attached):
         subprocess.run(["losetup", "--detach", device], capture_output=True, check=False)
 
@@ -79,7 +70,7 @@ def test_another_disk_at_the_mount_point_is_refused_and_stays_mounted(loop_dev, 
     a, b = loop_dev("a"), loop_dev("b")
     run, mnt = tmp_path / "run", tmp_path / "run" / "mnt"
     first = run_role(run, {"storage_scratch_device": a})
-    assert first.returncode == 0, one_line(first)
+    assert first.returncode == 0, first.flat
     assert mounted_source(mnt) == a
     (mnt / "outputs" / "result.png").write_bytes(b"workshop output, must survive\n")
     fstab, b_before = FSTAB.read_bytes(), sha256(b)
@@ -89,7 +80,7 @@ def test_another_disk_at_the_mount_point_is_refused_and_stays_mounted(loop_dev, 
     by_id.symlink_to(b)
     for name, named, args in ((b, "", ()), (str(by_id), f"{b}, ", ("--check",))):
         proc = run_role(run, {"storage_scratch_device": name}, *args)
-        out = one_line(proc)
+        out = proc.flat
         assert proc.returncode != 0, out
         assert f"{mnt} has {a} (ext4, device {devno(a)}, UUID " in out
         assert f"not storage_scratch_device {name} ({named}device {devno(b)})" in out
@@ -105,13 +96,13 @@ def test_the_mounted_disk_by_another_name_goes_on_unchanged(loop_dev, tmp_path):
     a = loop_dev("a")
     run, mnt = tmp_path / "run", tmp_path / "run" / "mnt"
     first = run_role(run, {"storage_scratch_device": a})
-    assert first.returncode == 0, one_line(first)
+    assert first.returncode == 0, first.flat
     fstab = FSTAB.read_bytes()
     by_id = tmp_path / "by-id" / "virtio-scratch"  # as /dev/disk/by-id/... links to /dev/vdb
     by_id.parent.mkdir()
     by_id.symlink_to(a)
     proc = run_role(run, {"storage_scratch_device": str(by_id)})
-    out = one_line(proc)
+    out = proc.flat
     assert proc.returncode == 0, out
     assert "changed=0" in out
     assert mounted_source(mnt) == a

@@ -5,23 +5,13 @@ converge that formats also mounts and writes /etc/fstab; molecule covers that pa
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from disk_helpers import (
-    MIB,
-    REPO,
-    ext4_behind_erased_gpt,
-    populated_dir,
-    sh,
-    sha256,
-    sparse_image,
-)
+from disk_helpers import MIB, ext4_behind_erased_gpt, populated_dir, sh, sha256, sparse_image
+from localplay import Run, run_local_playbook
 
 SIZE = 64 * MIB
 FSTAB = Path("/etc/fstab")
@@ -33,6 +23,11 @@ def undo_a_format(tmp_path):
     failing run leaves this machine as it found it."""
     fstab = FSTAB.read_bytes() if FSTAB.exists() else None
     yield
+    put_back(tmp_path, fstab)
+
+
+def put_back(tmp_path: Path, fstab: bytes | None) -> None:
+    """Unmount everything mounted under tmp_path, deepest first, and put /etc/fstab back."""
     mounts = subprocess.run(
         ["findmnt", "--raw", "--noheadings", "--output", "TARGET"],
         capture_output=True,
@@ -45,54 +40,20 @@ def undo_a_format(tmp_path):
         FSTAB.write_bytes(fstab)
 
 
-def run_role(workdir: Path, variables: dict, *args: str) -> subprocess.CompletedProcess[str]:
-    workdir.mkdir(parents=True, exist_ok=True)
-    playbook = workdir / "playbook.yml"
+def run_role(workdir: Path, variables: dict, *args: str) -> Run:
     play = {
         "name": "Apply the storage role to a test device",
         "hosts": "localhost",
         "gather_facts": False,
         "roles": [{"role": "storage"}],
     }
-    playbook.write_text(yaml.safe_dump([play], sort_keys=False))
-    extra = workdir / "vars.json"
     base = {
         "storage_sfs_enabled": False,
         "storage_scratch_mount_point": str(workdir / "mnt"),
         "storage_scratch_owner": "root",
         "storage_scratch_group": "root",
     }
-    extra.write_text(json.dumps({**base, **variables}))
-    env = dict(os.environ)
-    home = workdir / "ansible-home"
-    env.update(
-        ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
-        ANSIBLE_ROLES_PATH=str(REPO / "roles"),
-        ANSIBLE_HOME=str(home),
-        ANSIBLE_LOCAL_TEMP=str(home / "tmp"),
-        ANSIBLE_REMOTE_TEMP=str(home / "tmp"),
-        ANSIBLE_NOCOLOR="1",
-        ANSIBLE_FORCE_COLOR="0",
-    )
-    argv = [
-        str(Path(sys.executable).with_name("ansible-playbook")),
-        "-i",
-        "localhost,",
-        "-c",
-        "local",
-        "-e",
-        f"ansible_python_interpreter={sys.executable}",
-        "-e",
-        f"@{extra}",
-        *args,
-        str(playbook),
-    ]
-    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300, check=False)
-
-
-def one_line(proc: subprocess.CompletedProcess[str]) -> str:
-    """The output with line breaks (YAML-folded messages) turned into single spaces."""
-    return " ".join((proc.stdout + proc.stderr).split())
+    return run_local_playbook(workdir, [play], {**base, **variables}, *args, timeout=300)
 
 
 def tar_device(loop, tmp_path: Path) -> str:
@@ -106,7 +67,7 @@ def test_a_tar_archive_is_refused_untouched(loop, tmp_path):
     device = tar_device(loop, tmp_path)
     before = sha256(device)
     proc = run_role(tmp_path / "run", {"storage_scratch_device": device})
-    out = one_line(proc)
+    out = proc.flat
     assert proc.returncode != 0, out
     assert f"{device} carries no filesystem but is not blank" in out
     assert "non-zero data in the first 1 MiB (from byte 0)" in out
@@ -122,7 +83,7 @@ def test_ext4_behind_an_erased_gpt_is_refused_naming_the_filesystem(loop, tmp_pa
     device = loop(image)
     before = sha256(device)
     proc = run_role(tmp_path / "run", {"storage_scratch_device": device})
-    out = one_line(proc)
+    out = proc.flat
     assert proc.returncode != 0, out
     assert f"{device} carries no filesystem but is not blank" in out
     assert "a filesystem (ext4) at byte offset 1048576 (1 MiB)" in out
@@ -133,7 +94,7 @@ def test_ext4_behind_an_erased_gpt_is_refused_naming_the_filesystem(loop, tmp_pa
 def test_a_missing_device_is_an_error_naming_the_variable(tmp_path):
     path = str(tmp_path / "vdz")
     proc = run_role(tmp_path / "run", {"storage_scratch_device": path})
-    out = one_line(proc)
+    out = proc.flat
     assert proc.returncode != 0, out
     assert f"storage_scratch_device: {path} does not exist" in out
     assert not Path(path).exists()
@@ -143,7 +104,7 @@ def test_a_regular_file_is_an_error_naming_the_variable(tmp_path):
     image = sparse_image(tmp_path / "disk.img", SIZE)
     before = sha256(image)
     proc = run_role(tmp_path / "run", {"storage_scratch_device": str(image)})
-    out = one_line(proc)
+    out = proc.flat
     assert proc.returncode != 0, out
     assert f"storage_scratch_device: {image} is a regular file, not a block device" in out
     assert sha256(image) == before
@@ -160,7 +121,7 @@ def test_a_device_in_use_is_refused_even_with_the_wipe_switch(loop, tmp_path):
         )
     finally:
         os.close(fd)
-    out = one_line(proc)
+    out = proc.flat
     assert proc.returncode != 0, out
     assert "in use: an exclusive open failed (EBUSY" in out
     assert "which the role never wipes" in out
@@ -175,7 +136,7 @@ def test_a_swap_signature_is_refused_even_with_the_wipe_switch(loop, tmp_path):
         tmp_path / "run",
         {"storage_scratch_device": device, "storage_scratch_wipe_nonblank": True},
     )
-    out = one_line(proc)
+    out = proc.flat
     assert proc.returncode != 0, out
     assert "carries a signature that is not a filesystem" in out
     assert "TYPE=swap" in out
@@ -191,7 +152,7 @@ def test_the_wipe_switch_in_check_mode_changes_nothing(loop, tmp_path):
         {"storage_scratch_device": device, "storage_scratch_wipe_nonblank": True},
         "--check",
     )
-    out = one_line(proc)
+    out = proc.flat
     assert proc.returncode == 0, out
     assert "not blank" not in out
     assert sha256(device) == before

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import grp
 import http.client
-import json
 import os
 import pwd
 import secrets
@@ -21,12 +20,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+# tests/, for localplay: comfyui-worker/tests/conftest.py imports this module from outside it.
+TESTS = Path(__file__).resolve().parents[1]
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
 
-REPO = Path(__file__).resolve().parents[2]
+from localplay import REPO, Run, run_local_playbook  # noqa: E402
+
 ROLE = REPO / "roles" / "appserver_exchange"
 NGINX = shutil.which("nginx", path="/usr/sbin:/usr/local/sbin:/sbin") or ""
-ANSIBLE_PLAYBOOK = str(Path(sys.executable).with_name("ansible-playbook"))
 # The body limit tests/exchange runs with (the role's default is 4g).
 MAX_BODY = 64 * 1024
 
@@ -44,51 +46,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ansible_env(home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
-        ANSIBLE_ROLES_PATH=str(ROLE.parent),
-        ANSIBLE_HOME=str(home),
-        ANSIBLE_LOCAL_TEMP=str(home / "tmp"),
-        ANSIBLE_REMOTE_TEMP=str(home / "tmp"),
-        ANSIBLE_NOCOLOR="1",
-        ANSIBLE_FORCE_COLOR="0",
-    )
-    return env
-
-
-def run_playbook(workdir: Path, plays: list, variables: dict, *args: str, with_defaults=True):
+def run_playbook(
+    workdir: Path, plays: list, variables: dict, *args: str, with_defaults=True
+) -> Run:
     """ansible-playbook on localhost; the role's defaults (unless with_defaults is false) and
-    then `variables` as extra vars."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    playbook = workdir / "playbook.yml"
-    playbook.write_text(yaml.safe_dump(plays, sort_keys=False))
-    extra = workdir / "vars.json"
-    extra.write_text(json.dumps(variables))
-    extra.chmod(0o600)
-    cmd = [
-        ANSIBLE_PLAYBOOK,
-        "-i",
-        "localhost,",
-        "-c",
-        "local",
-        "-e",
-        f"ansible_python_interpreter={sys.executable}",
-        *(["-e", f"@{ROLE / 'defaults' / 'main.yml'}"] if with_defaults else []),
-        "-e",
-        f"@{extra}",
-        *args,
-        str(playbook),
-    ]
-    return subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        env=ansible_env(workdir / "ansible-home"),
-        timeout=180,
-        check=False,
-    )
+    then `variables` as extra vars, from a 0600 file."""
+    defaults = [ROLE / "defaults" / "main.yml"] if with_defaults else []
+    return run_local_playbook(workdir, plays, variables, *args, vars_files=defaults)
 
 
 def render_templates(workdir: Path, variables: dict, targets: dict[str, Path]) -> None:

@@ -5,52 +5,27 @@ ufw is called. It stops with a message naming the port and the variable to set."
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from localplay import BIN, QUIET, REPO, Run, ansible_env, run, venv_path
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 PLAYBOOK = Path(__file__).resolve().parent / "ssh-port.yml"
 TAILSCALE = {"port": "41641", "proto": "udp", "comment": "tailscale"}
 
 
-def check(*args: str, env: dict | None = None, **variables: object):
-    environ = dict(os.environ)
-    environ.update(
-        ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
-        ANSIBLE_NOCOLOR="1",
-        ANSIBLE_FORCE_COLOR="0",
-        ANSIBLE_LOCALHOST_WARNING="0",
-        ANSIBLE_INVENTORY_UNPARSED_WARNING="0",
-        PATH=os.pathsep.join([str(BIN), environ.get("PATH", "")]),
-    )
-    environ.pop("ANSIBLE_REMOTE_PORT", None)
-    environ.update(env or {})
+def check(*args: str, env: dict | None = None, **variables: object) -> Run:
+    settings = {**QUIET, "PATH": venv_path(), "ANSIBLE_REMOTE_PORT": None, **(env or {})}
     # The controller's own Python runs the probe: localhost's may be any.
     extra = {"ansible_python_interpreter": sys.executable, **variables}
-    proc = subprocess.run(
-        [
-            str(BIN / "ansible-playbook"),
-            "-i",
-            "localhost,",
-            str(PLAYBOOK),
-            *args,
-            "-e",
-            json.dumps(extra),
-        ],
+    proc = run(
+        [BIN / "ansible-playbook", "-i", "localhost,", PLAYBOOK, *args, "-e", json.dumps(extra)],
+        ansible_env(**settings),
+        300,
         cwd=REPO,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
-    proc.output = proc.stdout + proc.stderr
-    proc.flat = " ".join(proc.output.split())
     found = re.search(r"decided: (\{.*?\})", proc.flat.replace('\\"', '"'))
     proc.decided = json.loads(found[1]) if found else None
     return proc

@@ -3,65 +3,26 @@ sanity checks that fit a module kept in library/ (no collection, so no ansible-t
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from vram_helpers import FIXTURES, MODULE_PATH, REPO
-
-BIN = Path(sys.executable).parent
-ANSIBLE = BIN / "ansible"
-ANSIBLE_DOC = BIN / "ansible-doc"
+from localplay import BIN, REPO, ansible_doc, doc_block, imported_roots, module_env, run_adhoc
+from vram_helpers import FIXTURES, MODULE_PATH
 
 
-def ansible_env(path_prefix: Path | None = None) -> dict:
-    env = dict(os.environ)
-    env.update(
-        ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
-        ANSIBLE_LIBRARY=str(REPO / "library"),
-        ANSIBLE_LOAD_CALLBACK_PLUGINS="1",
-        ANSIBLE_STDOUT_CALLBACK="ansible.posix.json",
-        ANSIBLE_LOCALHOST_WARNING="0",
-        ANSIBLE_INVENTORY_UNPARSED_WARNING="0",
-        ANSIBLE_NOCOLOR="1",
-    )
+def vram_env(path_prefix: Path | None = None) -> dict[str, str]:
     # A PATH without any real nvidia-smi, plus the fake one when given.
     base = [str(BIN), "/usr/local/bin", "/usr/bin", "/bin"]
-    env["PATH"] = os.pathsep.join(([str(path_prefix)] if path_prefix else []) + base)
-    return env
+    path = os.pathsep.join(([str(path_prefix)] if path_prefix else []) + base)
+    return module_env(REPO / "library", PATH=path)
 
 
-def run_adhoc(args: str, *, path_prefix: Path | None = None, check: bool = False) -> dict:
-    argv = [
-        str(ANSIBLE),
-        "localhost",
-        "-i",
-        "localhost,",
-        "-c",
-        "local",
-        "-e",
-        f"ansible_python_interpreter={sys.executable}",
-        "-m",
-        "gpu_vram",
-        "-a",
-        args,
-    ]
-    if check:
-        argv.append("--check")
-    proc = subprocess.run(
-        argv, cwd=REPO, env=ansible_env(path_prefix), capture_output=True, text=True, timeout=120
-    )
-    assert "Traceback" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
-    report = json.loads(proc.stdout)
-    result = report["plays"][0]["tasks"][0]["hosts"]["localhost"]
-    result["_rc"] = proc.returncode
-    return result
+def vram(args: str, *, path_prefix: Path | None = None, check: bool = False) -> dict:
+    return run_adhoc("gpu_vram", args, env=vram_env(path_prefix), check=check)
 
 
 @pytest.fixture
@@ -82,7 +43,7 @@ def fake_smi(tmp_path: Path) -> Path:
 
 
 def test_adhoc_reads_the_replayed_h200(fake_smi):
-    result = run_adhoc("backend=nvidia-smi facts=true", path_prefix=fake_smi)
+    result = vram("backend=nvidia-smi facts=true", path_prefix=fake_smi)
     assert result["_rc"] == 0, result
     assert result["changed"] is False
     assert result["backend"] == "nvidia-smi"
@@ -97,14 +58,14 @@ def test_adhoc_reads_the_replayed_h200(fake_smi):
 
 
 def test_adhoc_auto_falls_back_when_nvml_is_missing(fake_smi):
-    result = run_adhoc("gpus=7", path_prefix=fake_smi)
+    result = vram("gpus=7", path_prefix=fake_smi)
     assert result["_rc"] == 0, result
     assert result["backend"] == "nvidia-smi"
     assert [gpu["index"] for gpu in result["gpus"]] == [7]
 
 
 def test_adhoc_gate_fails_with_the_numbers(fake_smi):
-    result = run_adhoc("min_free_mb=20000 safety_margin_mb=2048", path_prefix=fake_smi)
+    result = vram("min_free_mb=20000 safety_margin_mb=2048", path_prefix=fake_smi)
     assert result["_rc"] != 0
     assert result.get("failed") is True
     assert result["msg"].startswith("GPU memory below min_free_mb=20000 MiB on 3 of 8 GPU(s)")
@@ -113,7 +74,7 @@ def test_adhoc_gate_fails_with_the_numbers(fake_smi):
 
 
 def test_adhoc_check_mode_is_unchanged(fake_smi):
-    result = run_adhoc("gpus=7 min_free_mb=20000", path_prefix=fake_smi, check=True)
+    result = vram("gpus=7 min_free_mb=20000", path_prefix=fake_smi, check=True)
     assert result["_rc"] == 0, result
     assert result["changed"] is False
     assert result["gate"]["passed"] is True
@@ -122,7 +83,7 @@ def test_adhoc_check_mode_is_unchanged(fake_smi):
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this host has nvidia-smi")
 def test_adhoc_on_this_gpu_less_host_is_one_line():
     """No libnvidia-ml and no nvidia-smi here: the module's real no-GPU path."""
-    result = run_adhoc("")
+    result = vram("")
     assert result["_rc"] != 0
     assert result["msg"].startswith("no NVIDIA GPU or driver on this host: ")
     assert "nvidia-smi: not found" in result["msg"]
@@ -132,43 +93,29 @@ def test_adhoc_on_this_gpu_less_host_is_one_line():
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this host has nvidia-smi")
 def test_adhoc_allow_no_gpu_reports_zero():
-    result = run_adhoc("facts=true allow_no_gpu=true")
+    result = vram("facts=true allow_no_gpu=true")
     assert result["_rc"] == 0, result
     assert result["gpu_count"] == 0
     assert result["ansible_facts"]["comfyume_gpu_count"] == 0
     assert result["ansible_facts"]["comfyume_gpu_backend"] == "none"
-    gated = run_adhoc("allow_no_gpu=true min_free_mb=1")
+    gated = vram("allow_no_gpu=true min_free_mb=1")
     assert gated["_rc"] != 0
     assert "no GPU was found" in gated["msg"]
 
 
 def test_adhoc_bad_selector_is_one_line(fake_smi):
-    result = run_adhoc("gpus=GPU-nope", path_prefix=fake_smi)
+    result = vram("gpus=GPU-nope", path_prefix=fake_smi)
     assert result["_rc"] != 0
     assert result["msg"].startswith("no GPU matches 'GPU-nope'; this host has: 0 (GPU-a446")
 
 
 def test_ansible_doc_renders():
-    proc = subprocess.run(
-        [str(ANSIBLE_DOC), "--json", "gpu_vram"],
-        cwd=REPO,
-        env=ansible_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = ansible_doc("--json", "gpu_vram", env=vram_env())
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)["gpu_vram"]
     assert doc["doc"]["module"] == "gpu_vram"
     assert doc["examples"] and doc["return"]["gpus"]["contains"]["memory_free_mb"]
-    text = subprocess.run(
-        [str(ANSIBLE_DOC), "gpu_vram"],
-        cwd=REPO,
-        env=ansible_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    text = ansible_doc("gpu_vram", env=vram_env())
     assert text.returncode == 0 and "min_free_mb" in text.stdout
     assert "ERROR" not in text.stderr
 
@@ -176,16 +123,8 @@ def test_ansible_doc_renders():
 # ---- sanity checks ----------------------------------------------------------------------
 
 
-def doc_block(name: str) -> str:
-    tree = ast.parse(MODULE_PATH.read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == name:
-            return node.value.value
-    raise AssertionError(f"{name} missing")
-
-
 def test_documentation_matches_argument_spec_exactly(gv):
-    options = yaml.safe_load(doc_block("DOCUMENTATION"))["options"]
+    options = yaml.safe_load(doc_block(MODULE_PATH, "DOCUMENTATION"))["options"]
     spec = gv.ARGUMENT_SPEC
     assert set(options) == set(spec)
     for name, arg in spec.items():
@@ -199,13 +138,13 @@ def test_documentation_matches_argument_spec_exactly(gv):
 
 
 def test_examples_use_only_documented_options(gv):
-    for task in yaml.safe_load(doc_block("EXAMPLES")):
+    for task in yaml.safe_load(doc_block(MODULE_PATH, "EXAMPLES")):
         if "gpu_vram" in task:
             assert set(task["gpu_vram"] or {}) <= set(gv.ARGUMENT_SPEC), task["name"]
 
 
 def test_return_documents_every_gpu_key(gv):
-    returned = yaml.safe_load(doc_block("RETURN"))
+    returned = yaml.safe_load(doc_block(MODULE_PATH, "RETURN"))
     gpu_keys = set(returned["gpus"]["contains"])
     reading = gv.read_nvml(__import__("fake_nvml").FakeNvml(__import__("fake_nvml").h200_pair()))
     produced = set(gv.apply_margin(reading["gpus"], 0)[0])
@@ -216,11 +155,5 @@ def test_return_documents_every_gpu_key(gv):
 
 
 def test_imports_are_stdlib_ansible_or_pynvml():
-    tree = ast.parse(MODULE_PATH.read_text())
-    roots = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            roots.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            roots.add(node.module.split(".")[0])
+    roots = imported_roots(MODULE_PATH)
     assert roots <= {"__future__", "re", "traceback", "ansible", "pynvml"}

@@ -11,21 +11,18 @@ nvidia-smi path, in the image of the simulated Ubuntu 22.04 host (molecule/ubunt
 from __future__ import annotations
 
 import ast
-import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
-from vram_helpers import FIXTURES, MODULE_PATH, REPO
+from localplay import BIN, REPO, module_env, run_adhoc, venv_path
+from vram_helpers import FIXTURES, MODULE_PATH
 
 HERE = Path(__file__).resolve().parent
-BIN = Path(sys.executable).parent
 IMAGE = "comfyume/ubuntu-sim:latest"
 
 # Features a scan of the tree finds, with the Python that brought them. Syntax is ruff's
@@ -259,42 +256,21 @@ def interpreter(container: str) -> str:
 
 def run_on(container: str, args: str, *, nvml: bool) -> dict:
     python = interpreter(container)
-    env = dict(os.environ)
-    env.update(
-        ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
-        ANSIBLE_LIBRARY=str(REPO / "library"),
-        ANSIBLE_LOAD_CALLBACK_PLUGINS="1",
-        ANSIBLE_STDOUT_CALLBACK="ansible.posix.json",
-        ANSIBLE_INVENTORY_UNPARSED_WARNING="0",
-        ANSIBLE_NOCOLOR="1",
-    )
-    env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
+    env = module_env(REPO / "library", PATH=venv_path())
     # The fake pynvml is importable only on the NVML runs: PYTHONPATH reaches the module
     # through the connection's environment of the docker exec.
     extra = {"ansible_python_interpreter": python}
     if nvml:
         extra["ansible_docker_extra_env"] = {"PYTHONPATH": "/opt/fake-nvml"}
-    adhoc = [
-        str(BIN / "ansible"),
-        container,
-        "-i",
-        f"{container},",
-        "-c",
-        "community.docker.docker",
-    ]
-    proc = subprocess.run(
-        [*adhoc, "-e", json.dumps(extra), "-m", "gpu_vram", "-a", args],
-        cwd=REPO,
+    return run_adhoc(
+        "gpu_vram",
+        args,
         env=env,
-        capture_output=True,
-        text=True,
+        host=container,
+        connection="community.docker.docker",
+        extra_vars=extra,
         timeout=180,
     )
-    assert "Traceback" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
-    report = json.loads(proc.stdout)
-    result = report["plays"][0]["tasks"][0]["hosts"][container]
-    result["_rc"] = proc.returncode
-    return result
 
 
 def test_on_the_claimed_python_the_nvidia_smi_path_reads_the_replayed_h200(target):

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import subprocess
 import sys
 import threading
 import time
@@ -20,9 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import yaml
+from localplay import REPO, run_local_playbook
 
-REPO = Path(__file__).resolve().parents[2]
 HEALTHCHECK = REPO / "comfyui-worker" / "healthcheck.py"
 
 FAKE_DOCKER = """#!/bin/bash
@@ -71,20 +68,11 @@ class Host:
             FAKE_DOCKER.replace("PYTHON", sys.executable).replace("HEALTHCHECK", str(HEALTHCHECK))
         )
         docker.chmod(0o755)
-        self.env = dict(os.environ)
-        home = workdir / "ansible-home"
-        self.env.update(
-            PATH=f"{bin_dir}:{os.environ['PATH']}",
-            FAKE_WORKERS=str(self.workers),
-            COMFYUI_URL=comfyui_url,
-            ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
-            ANSIBLE_ROLES_PATH=str(REPO / "roles"),
-            ANSIBLE_HOME=str(home),
-            ANSIBLE_LOCAL_TEMP=str(home / "tmp"),
-            ANSIBLE_REMOTE_TEMP=str(home / "tmp"),
-            ANSIBLE_NOCOLOR="1",
-            ANSIBLE_FORCE_COLOR="0",
-        )
+        self.env = {
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "FAKE_WORKERS": str(self.workers),
+            "COMFYUI_URL": comfyui_url,
+        }
 
     def state(self, worker: str, state: str) -> None:
         """What the worker's health loop writes (worker.py, _health_loop)."""
@@ -104,8 +92,6 @@ class Host:
                 }
             ],
         }
-        playbook = self.workdir / "playbook.yml"
-        playbook.write_text(yaml.safe_dump([play], sort_keys=False))
         extra = {
             "worker_instances": 2,
             "worker_redis_host": "10.9.8.7",
@@ -113,25 +99,10 @@ class Host:
             "worker_queue_settle_seconds": 6,
             **variables,
         }
-        argv = [
-            str(Path(sys.executable).with_name("ansible-playbook")),
-            "-i",
-            "localhost,",
-            "-c",
-            "local",
-            "-e",
-            f"ansible_python_interpreter={sys.executable}",
-            "-e",
-            json.dumps(extra),
-            *args,
-            str(playbook),
-        ]
-        proc = subprocess.run(
-            argv, capture_output=True, text=True, env=self.env, timeout=180, check=False
+        proc = run_local_playbook(
+            self.workdir, [play], extra, *args, env=self.env, secret_vars_file=False
         )
-        recap = re.search(r"localhost\s+:\s+ok=\d+\s+changed=(\d+)", proc.stdout)
-        out = " ".join((proc.stdout + proc.stderr).split())
-        return proc.returncode, out, int(recap.group(1)) if recap else -1
+        return proc.returncode, proc.flat, proc.changed
 
 
 @pytest.fixture

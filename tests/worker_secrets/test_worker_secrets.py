@@ -7,21 +7,18 @@ molecule/default/tests/test_secrets.py."""
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import stat
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from localplay import REPO, run_local_playbook
 
-REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "comfyui-worker"))
 
-from config import Config, read_env_file  # noqa: E402  (the worker's folder is on sys.path now)
+from config import Config, read_env_file  # (the worker's folder is on sys.path now)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the role writes root-owned files")
 
@@ -59,19 +56,6 @@ class Project:
         self.root = root
         self.dir = root / "comfyume"
         (self.dir / "comfyui-worker").mkdir(parents=True)
-        self.playbook = root / "playbook.yml"
-        self.playbook.write_text(yaml.safe_dump(PLAY, sort_keys=False))
-        home = root / "ansible-home"
-        self.env = dict(os.environ)
-        self.env.update(
-            ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
-            ANSIBLE_ROLES_PATH=str(REPO / "roles"),
-            ANSIBLE_HOME=str(home),
-            ANSIBLE_LOCAL_TEMP=str(home / "tmp"),
-            ANSIBLE_REMOTE_TEMP=str(home / "tmp"),
-            ANSIBLE_NOCOLOR="1",
-            ANSIBLE_FORCE_COLOR="0",
-        )
 
     def run(self, *args: str, **variables: object) -> tuple[int, str, int]:
         """The play's output and its changed= count."""
@@ -89,28 +73,10 @@ class Project:
             "worker_exchange_token": TOKEN,
             **variables,
         }
-        proc = subprocess.run(
-            [
-                str(Path(sys.executable).with_name("ansible-playbook")),
-                "-i",
-                "localhost,",
-                "-c",
-                "local",
-                "-e",
-                f"ansible_python_interpreter={sys.executable}",
-                "-e",
-                json.dumps(extra),
-                *args,
-                str(self.playbook),
-            ],
-            capture_output=True,
-            text=True,
-            env=self.env,
-            timeout=300,
-            check=False,
+        proc = run_local_playbook(
+            self.root, PLAY, extra, *args, timeout=300, secret_vars_file=False
         )
-        recap = re.search(r"localhost\s+:\s+ok=\d+\s+changed=(\d+)", proc.stdout)
-        return proc.returncode, proc.stdout + proc.stderr, int(recap.group(1)) if recap else -1
+        return proc.returncode, proc.output, proc.changed
 
     def rendered(self) -> dict[str, str]:
         """Every file the play writes outside the secrets' folder."""
