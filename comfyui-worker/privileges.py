@@ -62,6 +62,11 @@ def _libc_prctl() -> Callable[..., int] | None:
         return None
 
 
+# libc's prctl(2), resolved once at import (None where there is none): supervisor.py calls it
+# in the child between fork and exec, where nothing may be dlopened.
+LIBC_PRCTL = _libc_prctl()
+
+
 class SystemCalls:
     """The calls `drop` makes; tests substitute an object with the same methods."""
 
@@ -77,7 +82,7 @@ class SystemCalls:
     getpwuid = staticmethod(pwd.getpwuid)
 
     def __init__(self) -> None:
-        self._prctl = _libc_prctl()
+        self._prctl = LIBC_PRCTL
 
     def prctl(self, option: int, arg: int = 0) -> int | None:
         """prctl(2); None where there is none (not Linux). Raises OSError on failure."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ import time
 
 from config import Config
 from logs import StateLog
+from privileges import LIBC_PRCTL
 from tasks import keep_running
 
 log = logging.getLogger("comfyui_worker.supervisor")
@@ -51,17 +51,12 @@ def comfyui_command(cfg: Config) -> list[str]:
 
 
 PR_SET_PDEATHSIG = 1
-# Resolved once in the parent: the child between fork and exec must not dlopen anything.
-try:
-    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # not Linux
-    _PRCTL = None
 
 
 def _die_with(parent: int) -> None:
     """Runs in the child between fork and exec: SIGKILL it when the worker dies."""
-    if _PRCTL is not None:
-        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if LIBC_PRCTL is not None:
+        LIBC_PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the worker died before the signal was armed
         os._exit(1)
 
