@@ -23,6 +23,11 @@ class PlaybookRun:
     rc: int
     output: str
 
+    @property
+    def flat(self) -> str:
+        """The output with Ansible's YAML line wrapping undone, for finding a message."""
+        return " ".join(self.output.split())
+
 
 def run_playbook(
     inventory: Path, playbook: str | Path, *args: str, timeout: int = 900, env: dict | None = None

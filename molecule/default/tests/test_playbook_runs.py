@@ -41,7 +41,7 @@ def test_check_mode_with_a_worker_stopped_reports_it_and_runs_every_play(gpu_hos
         gpu_host.check_output("docker start worker-2")
         wait_healthy(gpu_host, "worker-2")
     assert run.rc == 0, run.output[-3000:]
-    out = one_line(run.output)
+    out = run.flat
     assert "Check mode: Compose would start container worker-2; nothing was started" in out
     hosts = recap(run.output)
     assert hosts["verda-sim"]["failed"] == 0 and hosts["verda-sim"]["changed"] >= 1, hosts
@@ -84,7 +84,7 @@ def test_scratch_directory_that_is_a_link_is_refused_and_its_target_left_alone(g
     )
     try:
         run = apply_role("storage", **prefilled)
-        out = one_line(run.output)
+        out = run.flat
         assert run.rc != 0, run.output[-3000:]
         assert (
             f"{temp} is a link to {elsewhere}, where the storage role keeps a directory of the"
@@ -119,11 +119,6 @@ def test_device_with_a_foreign_signature_is_refused_untouched(gpu_host):
 # A device with no signature that is not blank (CONTRACTS §3: formatting one destroys
 # workshop data). Both layouts go onto /dev/vdd, which is given its swap signature back after.
 DISK_HELPERS = REPO / "tests" / "disk_probe" / "disk_helpers.py"
-
-
-def one_line(text: str) -> str:
-    """Ansible's output with its YAML line wrapping undone."""
-    return " ".join(text.split())
 
 
 @pytest.fixture
@@ -188,7 +183,7 @@ def test_device_without_a_signature_that_is_not_blank_is_refused_untouched(
         storage_scratch_device=vdd,
         storage_scratch_mount_point="/mnt/refused",
     )
-    out = one_line(run.output)
+    out = run.flat
     assert run.rc != 0
     assert f"{vdd} carries no filesystem but is not blank" in out
     assert found in out
@@ -222,7 +217,7 @@ def test_missing_scratch_device_is_an_error_naming_the_variable(gpu_host):
         storage_scratch_mount_point="/mnt/refused",
     )
     assert run.rc != 0
-    assert "storage_scratch_device: /dev/vdz does not exist" in one_line(run.output)
+    assert "storage_scratch_device: /dev/vdz does not exist" in run.flat
     assert not gpu_host.mount_point("/mnt/refused").exists
 
 
@@ -252,7 +247,7 @@ def test_file_where_a_link_goes_stops_the_play_and_is_kept(gpu_host):
         run = apply_role("project", project_dir=project)
         assert run.rc != 0
         assert f"{project}/data/models is a regular file" in run.output
-        assert "It was left as it is" in one_line(run.output)
+        assert "It was left as it is" in run.flat
         kept = gpu_host.file(f"{project}/data/models")
         assert kept.is_file and not kept.is_symlink
         assert kept.content_string == "precious\n"

@@ -42,11 +42,6 @@ def test_data_links_point_at_the_volumes(gpu_host, name, target):
 # makes its data/ a link, and afterwards puts back everything the play could have touched.
 
 
-def flat(text: str) -> str:
-    """Ansible's output with its YAML line wrapping undone."""
-    return " ".join(text.split())
-
-
 def owner_and_mode(host, path: str) -> str:
     """Of the path itself, not of what it may point at."""
     return host.check_output(f"stat -c '%U:%G %a' {path}")
@@ -96,7 +91,7 @@ def data_linked_to(gpu_host):
 
 def assert_refused_untouched(gpu_host, run, project: str, target: str, before: str) -> str:
     """The role stopped at data/, before any change, and left the link's target as it was."""
-    out = flat(run.output)
+    out = run.flat
     assert run.rc != 0, run.output[-3000:]
     assert f"{project}/data is a link to {target}, not a directory of the project" in out
     assert "The project role stopped before changing anything" in out
@@ -172,7 +167,7 @@ def test_a_repointed_data_link_names_its_old_target(gpu_host):
     try:
         run = apply_role("project", project_dir=project)
         assert run.rc == 0, run.output[-3000:]
-        assert f"data/outputs -> {LINKS['outputs']}, was -> {old}" in flat(run.output)
+        assert f"data/outputs -> {LINKS['outputs']}, was -> {old}" in run.flat
         assert gpu_host.file(f"{project}/data/outputs").linked_to == LINKS["outputs"]
     finally:
         gpu_host.check_output(f"rm -rf {project}")

@@ -13,10 +13,6 @@ WORKERS = ("worker-1", "worker-2")
 HEALTHCHECK = "/opt/worker-venv/bin/python /app/healthcheck.py"
 
 
-def one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
 def health(host, name: str) -> str:
     return host.run(f"docker exec {name} {HEALTHCHECK}").stdout.strip()
 
@@ -40,7 +36,7 @@ def test_an_unreachable_queue_is_reported_naming_its_address(gpu_host, app_host)
         # Each worker finds out at its next claim (QUEUE_POLL_INTERVAL, 5 s).
         wait_for_health(gpu_host, dict.fromkeys(WORKERS, "healthy; queue unreachable"))
         run = run_playbook(REPO / "site.yml", "--tags", "worker")
-        out = one_line(run.output)
+        out = run.flat
         assert run.rc == 0, run.output[-3000:]
         assert (
             f"WARNING: worker-1, worker-2 cannot reach their queue, Redis at {address}"
@@ -59,7 +55,7 @@ def test_an_unreachable_queue_is_reported_naming_its_address(gpu_host, app_host)
             "-e",
             '{"worker_require_queue": true, "worker_queue_settle_seconds": 10}',
         )
-        out = one_line(run.output)
+        out = run.flat
         assert run.rc != 0, run.output[-3000:]
         assert f"cannot reach their queue, Redis at {address}" in out
         assert 'worker-2: "healthy; queue unreachable"' in out

@@ -188,7 +188,7 @@ def test_a_play_that_connects_on_another_port_changes_nothing_in_ufw(host, tmp_p
     )
     before = host.check_output("ufw show added"), host.check_output("ufw status verbose")
     run = simlib.run_playbook(inventory, REPO / "playbooks" / "firewall.yml", timeout=600)
-    flat = " ".join(run.output.split())
+    flat = run.flat
     assert run.rc != 0, run.output[-3000:]
     assert f"ufw was left as it was on {name}, because it would cut off SSH" in flat
     assert "Ansible reaches sshd on port 22/tcp (ansible_port)" in flat
