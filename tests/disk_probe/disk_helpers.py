@@ -4,29 +4,38 @@ A disk is a sparse image file; where a test needs a block device the image is at
 loop device (losetup) that the `loop` fixture detaches again. The layouts are made with the
 real tools (tar, mkfs.ext4, wipefs), except the GPT, which is written here so that the tests
 need nothing beyond util-linux and e2fsprogs.
+
+Standard library only, and nothing else of tests/: molecule's test_playbook_runs.py copies this
+file alone onto a simulated host and builds its disks there with it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import struct
 import subprocess
+import sys
 import uuid
 import zlib
 from pathlib import Path
 
-import localplay
-
-MODULE_PATH = localplay.ROLES / "storage" / "library" / "disk_probe.py"
+REPO = Path(__file__).resolve().parents[2]
+MODULE_PATH = REPO / "roles" / "storage" / "library" / "disk_probe.py"
 MIB = 1024 * 1024
 SECTOR = 512
 LINUX_FILESYSTEM = uuid.UUID("0FC63DAF-8483-4772-8E79-3D69D8477DE4")
 
 
 def load_module():
-    return localplay.load_module("disk_probe", MODULE_PATH)
+    spec = importlib.util.spec_from_file_location("disk_probe", MODULE_PATH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("disk_probe", module)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run(argv: list[str]) -> tuple[int, str, str]:
